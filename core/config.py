@@ -1,0 +1,132 @@
+"""Every setting of the project, read from the environment (prefix ``UNICHAR_``) or ``.env``.
+
+The defaults let a fresh machine run with nothing set up: an SQLite file and a file store under ``./var``,
+Redis on localhost, and the tiny random model that ``unichar model init --tiny`` writes. Secrets (bot tokens)
+are ``SecretStr`` so that they never show up in a repr or a log line. Tests build their own ``Settings(...)``
+instead of patching globals.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    """The one settings object; each field is one ``UNICHAR_<NAME>`` environment variable."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="UNICHAR_", env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    # --- stores -------------------------------------------------------------------------------------------
+    data_dir: Path = Field(Path("var"), description="Folder for the SQLite file, the file store and the tiny model.")
+    database_url: str = Field(
+        "", description="SQLAlchemy URL of the SQL store; empty means an SQLite file `<data_dir>/unichar.db`."
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis: Celery broker and per-job event streams.")
+    private_redis: bool = Field(
+        True, description="`unichar run` starts its own redis-server under data_dir when redis_url does not answer."
+    )
+
+    # --- model --------------------------------------------------------------------------------------------
+    model_dir: Path | None = Field(
+        None, description="BAGEL-7B-MoT folder (official layout); empty means the tiny model under data_dir."
+    )
+    checkpoint: Path | None = Field(
+        None, description="Optional UniCharacter checkpoint (SFT model.safetensors or GRPO LLM-only file)."
+    )
+    vit_checkpoint: Path | None = Field(
+        None, description="Checkpoint whose ViT, connector and heads are merged into a GRPO LLM-only checkpoint."
+    )
+    device: str = Field("auto", description="Torch device for the model: auto, cpu, cuda, cuda:N.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Model dtype; auto means bfloat16 on GPU and float32 on CPU."
+    )
+    max_reply_tokens: int = Field(400, ge=1, le=4096, description="Most new tokens in one chat reply.")
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature of chat replies.")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling threshold of chat replies.")
+    context_tokens: int = Field(4096, ge=256, description="Token budget of one assembled prompt.")
+    image_width: int = Field(1024, ge=64, le=1024, multiple_of=16, description="Width of generated images.")
+    image_height: int = Field(1024, ge=64, le=1024, multiple_of=16, description="Height of generated images.")
+    image_steps: int = Field(50, ge=2, le=200, description="Flow-matching timesteps per generated image.")
+
+    # --- jobs ---------------------------------------------------------------------------------------------
+    job_timeout_s: int = Field(900, ge=10, description="Longest chat or image job, in seconds.")
+    train_timeout_s: int = Field(6 * 3600, ge=60, description="Longest training job, in seconds.")
+    max_attempts: int = Field(3, ge=1, le=20, description="Deliveries of one job before it is marked failed.")
+    sweep_after_s: int = Field(120, ge=1, description="A job queued this long without a worker is re-sent.")
+    sweep_interval_s: int = Field(30, ge=1, description="How often the sweeper looks for lost jobs.")
+    worker_threads: int = Field(4, ge=1, le=64, description="Threads of a GPU worker sharing one model engine.")
+    event_ttl_s: int = Field(3600, ge=60, description="How long a job's event stream is kept in Redis.")
+
+    # --- input limits -------------------------------------------------------------------------------------
+    max_message_chars: int = Field(4000, ge=1, description="Longest user message accepted.")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted image upload.")
+    max_image_pixels: int = Field(40_000_000, ge=10_000, description="Most pixels in an accepted image.")
+
+    # --- frontends ----------------------------------------------------------------------------------------
+    telegram_token: SecretStr | None = Field(None, description="Telegram bot token; the Telegram bot runs when set.")
+    telegram_api_url: str | None = Field(
+        None, description="Base URL of a local Telegram Bot API server (e.g. http://localhost:8081)."
+    )
+    discord_token: SecretStr | None = Field(None, description="Discord bot token; the Discord bot runs when set.")
+    admin_ids: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated admins as platform:user_id (telegram:123, discord:456, console:local).",
+    )
+    default_character: str = Field("", description="Character a new user starts with; empty means the first one.")
+    console_image_dir: Path = Field(Path("var/images"), description="Where `unichar chat` saves received images.")
+    log_level: str = Field("INFO", description="Logging level of every process.")
+
+    @field_validator("admin_ids", mode="before")
+    @classmethod
+    def _split_admins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("admin_ids")
+    @classmethod
+    def _check_admins(cls, value: list[str]) -> list[str]:
+        for item in value:
+            platform, _, user = item.partition(":")
+            if not platform or not user:
+                raise ValueError(f"admin id {item!r} must look like platform:user_id")
+        return value
+
+    @cached_property
+    def sql_url(self) -> str:
+        """The SQL store's URL, the SQLite file under data_dir when none is set."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'unichar.db').as_posix()}"
+
+    @cached_property
+    def files_dir(self) -> Path:
+        """Root of the content-addressed file store (images, adapters)."""
+        return self.data_dir / "files"
+
+    @cached_property
+    def resolved_model_dir(self) -> Path:
+        """The model folder to load: the configured one, or the tiny model under data_dir."""
+        return self.model_dir or self.data_dir / "models" / "tiny"
+
+    def is_admin(self, platform: str, user_id: str) -> bool:
+        """Whether this platform identity is a configured admin."""
+        return f"{platform}:{user_id}" in self.admin_ids
+
+
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    global _settings
+    if _settings is None:
+        _settings = Settings()
+    return _settings
