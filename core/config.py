@@ -12,7 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
@@ -70,13 +70,61 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(4000, ge=1, description="Longest user message accepted.")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest accepted image upload.")
     max_image_pixels: int = Field(40_000_000, ge=10_000, description="Most pixels in an accepted image.")
+    max_images_per_message: int = Field(4, ge=1, le=10, description="Most images accepted in one user message.")
+    max_open_jobs: int = Field(3, ge=1, description="Requests one user may have queued or running at once.")
+    history_messages: int = Field(
+        20, ge=1, description="Most recent turns read into a reply's context (then trimmed to context_tokens)."
+    )
+    summary_every: int = Field(
+        20, ge=2, description="Turns older than the recent window that make the model write a rolling summary."
+    )
+    recall_turns: int = Field(6, ge=0, le=50, description="Older turns recalled by relevance into a reply's context.")
+    lorebook_tokens: int = Field(512, ge=0, description="Token budget of lorebook entries when the card sets none.")
+
+    # --- character submissions and training (issue 7) ------------------------------------------------------
+    submission_min_images: int = Field(10, ge=1, le=64, description="Fewest images a /newcharacter submission needs.")
+    submission_max_images: int = Field(10, ge=1, le=64, description="Most images a /newcharacter submission takes.")
+    submission_dup_distance: int = Field(
+        6, ge=0, le=32, description="Perceptual-hash bit distance at or under which two submitted images are duplicates."
+    )
+    keep_source_images: bool = Field(
+        False, description="Keep a submission's source images after its character is published (else deleted)."
+    )
+    lora_rank: int = Field(64, ge=1, le=1024, description="Rank of a character's LoRA adapter.")
+    lora_alpha: float = Field(128.0, gt=0.0, description="LoRA alpha; the update is scaled by alpha / rank.")
+    train_steps: int = Field(500, ge=1, description="Optimizer steps of one character's Unified-SFT.")
+    train_lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate of a LoRA SFT (2e-5 for a full fine-tune).")
+    train_tokens_per_step: int = Field(8192, ge=64, description="Packed sequence tokens per SFT step.")
+    train_full_finetune: bool = Field(False, description="Train all weights (the paper's recipe) instead of LoRA.")
+    train_checkpoint_every: int = Field(50, ge=1, description="SFT steps between resumable checkpoints.")
+    train_image_size: int = Field(
+        512, ge=32, le=1024, multiple_of=16, description="Longest side of training images for the VAE (latents)."
+    )
 
     # --- frontends ----------------------------------------------------------------------------------------
     telegram_token: SecretStr | None = Field(None, description="Telegram bot token; the Telegram bot runs when set.")
     telegram_api_url: str | None = Field(
         None, description="Base URL of a local Telegram Bot API server (e.g. http://localhost:8081)."
     )
+    telegram_trigger_word: str = Field(
+        "", description="In Telegram groups the character also answers messages containing this word (besides mentions and replies)."
+    )
+    telegram_edit_interval_s: float = Field(
+        1.5, gt=0.0, le=60.0, description="Seconds between two edits of a streaming Telegram reply in a private chat."
+    )
+    telegram_group_edit_interval_s: float = Field(
+        3.0, gt=0.0, le=60.0, description="Seconds between two edits of a streaming Telegram reply in a group."
+    )
+    telegram_album_wait_s: float = Field(
+        1.0, gt=0.0, le=10.0, description="How long the Telegram bot waits for the rest of an album before using it."
+    )
+    telegram_poll_s: float = Field(
+        5.0, gt=0.0, le=300.0, description="How often the Telegram bot checks quiet jobs and pending notifications."
+    )
     discord_token: SecretStr | None = Field(None, description="Discord bot token; the Discord bot runs when set.")
+    public_files_url: str = Field(
+        "", description="Public base URL serving the file store (`<url>/<key>`); Discord shows character avatars from it."
+    )
     admin_ids: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated admins as platform:user_id (telegram:123, discord:456, console:local).",
@@ -99,6 +147,14 @@ class Settings(BaseSettings):
             platform, _, user = item.partition(":")
             if not platform or not user:
                 raise ValueError(f"admin id {item!r} must look like platform:user_id")
+        return value
+
+    @field_validator("submission_max_images")
+    @classmethod
+    def _check_image_bounds(cls, value: int, info: ValidationInfo) -> int:
+        low = info.data.get("submission_min_images", 1)
+        if value < low:
+            raise ValueError(f"submission_max_images ({value}) is below submission_min_images ({low})")
         return value
 
     @cached_property

@@ -41,10 +41,12 @@ __all__ = [
     "Message",
     "Job",
     "Memory",
+    "MessageTerm",
     "CharacterSubmission",
     "SubmissionImage",
     "TrainingJob",
     "AuditEntry",
+    "Notification",
 ]
 
 # Named constraints, so that Alembic migrations are reproducible on SQLite and PostgreSQL alike.
@@ -86,7 +88,10 @@ class User(Base):
     platform_user_id: Mapped[str] = mapped_column(String(64))
     display_name: Mapped[str] = mapped_column(String(128), default="")
     persona: Mapped[str] = mapped_column(Text, default="")  # who the user is, as they told the characters
-    active_character_id: Mapped[Optional[int]] = mapped_column(ForeignKey("characters.id", ondelete="SET NULL"))
+    # use_alter: users and characters refer to each other, so this key is added after both tables exist
+    active_character_id: Mapped[Optional[int]] = mapped_column(
+        ForeignKey("characters.id", ondelete="SET NULL", use_alter=True)
+    )
     blocked_bot: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
@@ -245,6 +250,26 @@ class Memory(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
+class MessageTerm(Base):
+    """One posting of the recall index (core.memory): a term of a message, its count and the message's length.
+
+    A message without terms gets one posting with the empty term, so that every indexed message has a row.
+    """
+
+    __tablename__ = "message_terms"
+    __table_args__ = (
+        Index("ix_message_terms_lookup", "chat_id", "term", "message_id"),
+        Index("ix_message_terms_chat", "chat_id", "message_id"),
+    )
+
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True)
+    term: Mapped[str] = mapped_column(String(64), primary_key=True)
+    chat_id: Mapped[int] = mapped_column(ForeignKey("chats.id", ondelete="CASCADE"))
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    count: Mapped[int] = mapped_column(Integer)
+    length: Mapped[int] = mapped_column(Integer)  # terms in the whole message (BM25 length normalisation)
+
+
 class CharacterSubmission(Base):
     """A community /newcharacter request, from the first step of the dialog to the published character."""
 
@@ -322,3 +347,23 @@ class AuditEntry(Base):
     target: Mapped[str] = mapped_column(String(96))
     detail: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Notification(Base):
+    """A message for a user about their submission, delivered once by the bot of their platform."""
+
+    __tablename__ = "notifications"
+    __table_args__ = (Index("ix_notifications_pending", "platform", "delivered_at", "id"),)
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    platform: Mapped[str] = mapped_column(String(16))
+    platform_chat_id: Mapped[str] = mapped_column(String(64), default="")
+    submission_id: Mapped[Optional[int]] = mapped_column(ForeignKey("character_submissions.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))  # submitted | approved | rejected | progress | published | ...
+    text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[Optional[dt.datetime]]
+
+    def __repr__(self) -> str:
+        return f"Notification(id={self.id}, kind={self.kind!r}, user_id={self.user_id})"

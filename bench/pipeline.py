@@ -1,0 +1,244 @@
+"""What the job path adds around the model: incoming message -> reply stored and streamed back.
+
+A benchmark, not a test. Real Redis (a private redis-server, as ``unichar run`` starts one), a real Celery worker
+in its own process (thread pool, as in production), SQL on SQLite and/or PostgreSQL, and a zero-cost model double
+(``tests.doubles.EchoModel``: the reply is the echo of the input, streamed in one piece). Measured from just before
+``ChatService.handle`` to the ``Done`` event read back from the job's stream, the reply row already committed.
+
+    python -m bench.pipeline [--db sqlite,postgresql] [--messages 1000] [--users 50] [--per-user 20]
+
+Goal (issue 2): p50 under 10 ms, at least 200 messages/s with 50 concurrent users, on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from redis import Redis
+from sqlalchemy import text
+
+from core.chat import ChatService, JobQueued
+from core.config import Settings
+from core.db.migrate import upgrade
+from core.db.models import Character
+from core.db.session import make_engine, make_sessionmaker
+from core.jobs import Done, Failed, IncomingMessage
+from core.streams import follow_sync
+from unichar.run import private_redis
+
+PG_ADMIN = os.environ.get("UNICHAR_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One database's figures."""
+
+    database: str
+    p50_ms: float
+    p99_ms: float
+    mean_ms: float
+    messages: int
+    throughput: float
+    users: int
+    concurrent_messages: int
+
+
+def _settings(data_dir: Path, database_url: str, redis_url: str, threads: int) -> Settings:
+    return Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        data_dir=data_dir,
+        database_url=database_url,
+        redis_url=redis_url,
+        worker_threads=threads,
+        log_level="WARNING",
+    )
+
+
+def _dead_redis_url() -> str:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"redis://127.0.0.1:{probe.getsockname()[1]}/0"
+
+
+@contextmanager
+def _postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for one run, dropped afterwards."""
+    admin = make_engine(PG_ADMIN).execution_options(isolation_level="AUTOCOMMIT")
+    name = f"unichar_bench_{os.getpid()}_{secrets.token_hex(3)}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@contextmanager
+def _worker(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m bench.pipeline worker`` in its own process, stopped afterwards."""
+    env = {
+        **os.environ,
+        "UNICHAR_DATA_DIR": str(settings.data_dir),
+        "UNICHAR_DATABASE_URL": settings.database_url,
+        "UNICHAR_REDIS_URL": settings.redis_url,
+        "UNICHAR_WORKER_THREADS": str(settings.worker_threads),
+        "UNICHAR_LOG_LEVEL": settings.log_level,
+    }
+    process = subprocess.Popen([sys.executable, "-m", "bench.pipeline", "worker"], env=env)
+    try:
+        yield process
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def run_worker() -> int:
+    """The worker process: the production worker, its model swapped for the zero-cost double."""
+    from tests.doubles import EchoModel
+    from workers.celery_app import app, configure, worker_argv
+    from workers.context import context_from_settings, install_context
+    from workers.shared_model import SharedModel
+
+    settings = Settings()
+    model = EchoModel(pieces=1)
+    model.calls = _Discard()  # the double's call log would grow for the whole run
+    install_context(context_from_settings(settings, SharedModel(lambda: model)))
+    configure(app, settings)
+    app.worker_main(worker_argv(settings, ["chat"]))
+    return 0
+
+
+class _Discard(list):  # type: ignore[type-arg]
+    """A list that keeps nothing."""
+
+    def append(self, _item: object) -> None:
+        pass
+
+
+class Client:
+    """A frontend's side of the path: the chat service and the stream follower."""
+
+    def __init__(self, settings: Settings) -> None:
+        from workers.celery_app import app, configure
+        from workers.tasks import dispatch
+
+        configure(app, settings)
+        self.engine = make_engine(settings.sql_url)
+        self.service = ChatService(make_sessionmaker(self.engine), settings, dispatch)
+        self.redis = Redis.from_url(settings.redis_url)
+
+    def message(self, user: str, n: int) -> float:
+        """Send one message and wait for its reply; returns the seconds it took."""
+        started = time.perf_counter()
+        outcome = self.service.handle(IncomingMessage("bench", user, user, str(n), f"hello number {n}"))
+        if not isinstance(outcome, JobQueued):
+            raise RuntimeError(f"message refused: {outcome}")
+        for _entry, event in follow_sync(self.redis, outcome.job_id, idle_timeout_s=60):
+            if isinstance(event, Failed):
+                raise RuntimeError(f"job {outcome.job_id} failed: {event.error}")
+            if isinstance(event, Done) and event.message_id is None:
+                raise RuntimeError(f"job {outcome.job_id} finished without a stored reply")
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self.redis.close()
+        self.engine.dispose()
+
+
+def measure(database: str, database_url: str, args: argparse.Namespace) -> Result:
+    """Latency over ``args.messages`` sequential messages, then throughput with ``args.users`` concurrent users."""
+    with tempfile.TemporaryDirectory(prefix="unichar-bench-") as folder:
+        data_dir = Path(folder)
+        with private_redis(_settings(data_dir, database_url, _dead_redis_url(), args.threads)) as redis_url:
+            settings = _settings(data_dir, database_url, redis_url, args.threads)
+            upgrade(settings.sql_url)
+            with make_sessionmaker(make_engine(settings.sql_url)).begin() as session:
+                session.add(Character(name="Bench", description="Answers at once."))
+            with _worker(settings):
+                client = Client(settings)
+                try:
+                    for n in range(args.warmup):
+                        client.message("warmup", n)
+                    latencies = sorted(client.message("solo", n) for n in range(args.messages))
+                    started = time.perf_counter()
+                    with ThreadPoolExecutor(args.users) as pool:
+                        work = [pool.submit(_user, client, f"user{u}", args.per_user) for u in range(args.users)]
+                        sent = sum(future.result() for future in work)
+                    elapsed = time.perf_counter() - started
+                finally:
+                    client.close()
+    return Result(
+        database=database,
+        p50_ms=1000 * statistics.median(latencies),
+        p99_ms=1000 * latencies[min(len(latencies) - 1, round(0.99 * len(latencies)))],
+        mean_ms=1000 * statistics.fmean(latencies),
+        messages=len(latencies),
+        throughput=sent / elapsed,
+        users=args.users,
+        concurrent_messages=sent,
+    )
+
+
+def _user(client: Client, user: str, count: int) -> int:
+    for n in range(count):
+        client.message(user, n)
+    return count
+
+
+def _machine() -> str:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
+        platform.processor(),
+    )
+    redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, Redis {redis_version}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", nargs="?", choices=("bench", "worker"), default="bench")
+    parser.add_argument("--db", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql")
+    parser.add_argument("--messages", type=int, default=1000, help="sequential messages for p50/p99")
+    parser.add_argument("--users", type=int, default=50, help="concurrent users for the throughput run")
+    parser.add_argument("--per-user", type=int, default=20, help="messages each concurrent user sends")
+    parser.add_argument("--threads", type=int, default=4, help="worker threads")
+    parser.add_argument("--warmup", type=int, default=50)
+    args = parser.parse_args(argv)
+    if args.mode == "worker":
+        return run_worker()
+    print(f"machine: {_machine()}; worker threads: {args.threads}")
+    print("| database | p50 ms | p99 ms | mean ms | messages | msg/s, concurrent users (messages) |")
+    print("|---|---|---|---|---|---|")
+    for database in args.db.split(","):
+        with tempfile.TemporaryDirectory() as folder:
+            if database == "sqlite":
+                result = measure(database, f"sqlite:///{folder}/bench.db", args)
+            else:
+                with _postgres_database() as url:
+                    result = measure(database, url, args)
+        print(
+            f"| {result.database} | {result.p50_ms:.1f} | {result.p99_ms:.1f} | {result.mean_ms:.1f} | "
+            f"{result.messages} | {result.throughput:.0f} with {result.users} users ({result.concurrent_messages}) |",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

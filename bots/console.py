@@ -1,0 +1,175 @@
+"""The terminal frontend: ``unichar chat`` talks to the characters through exactly the bots' path.
+
+A line becomes an ``IncomingMessage`` for ``core.chat.ChatService`` (SQL row + Job + Celery task); the reply is
+read back from the job's Redis stream (``core.streams``) and shown as it arrives: text as it streams, the queue
+position while the job waits, an image's progress with percent and ETA, and the image itself saved to
+``settings.console_image_dir`` with its path printed. Input and output are injected streams, so a test drives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, TextIO
+
+from core.chat import Answer, ChatService, JobQueued, Refusal
+from core.jobs import Done, Failed, ImageReady, IncomingMessage, JobEvent, Progress, TextDelta
+from core.media import FileStore
+from core.streams import follow_sync
+
+if TYPE_CHECKING:
+    from redis import Redis
+
+    from core.chat import ChatOutcome
+    from core.config import Settings
+
+__all__ = ["PLATFORM", "ConsoleFrontend", "run_console"]
+
+log = logging.getLogger(__name__)
+
+PLATFORM: Final = "console"
+QUIT: Final = frozenset({"/quit", "/exit"})
+
+
+@dataclass
+class ConsoleFrontend:
+    """Reads lines, hands them to the chat service and renders each job's events to ``out``."""
+
+    service: ChatService
+    redis: Redis
+    store: FileStore
+    image_dir: Path
+    out: TextIO
+    user: str = "local"
+    idle_timeout_s: float | None = None  # give up following a job after this long without an event
+    _sent: int = 0
+    _shown: tuple[str, int] | None = None  # the last progress shown, to skip repeats
+    _stage_start: tuple[str, float, int] | None = None  # (stage, monotonic time, step) of its first event
+
+    def run(self, lines: TextIO) -> int:
+        """The read-answer loop until end of input or /quit; returns the exit code."""
+        self._write(f"Talking as {PLATFORM}:{self.user}. /help lists the commands, /quit leaves.\n")
+        while True:
+            self._write("> ")
+            line = lines.readline()
+            if not line or line.strip() in QUIT:
+                self._write("\n" if not line else "")
+                return 0
+            if line.strip():
+                self.send(line.rstrip("\n"))
+
+    def send(self, text: str) -> ChatOutcome:
+        """One user line through the chat service; a queued job is followed to its end."""
+        self._sent += 1
+        message = IncomingMessage(
+            platform=PLATFORM,
+            user_id=self.user,
+            chat_id=self.user,
+            message_id=str(self._sent),
+            text=text,
+            display_name=self.user,
+        )
+        outcome = self.service.handle(message)
+        if isinstance(outcome, Answer):
+            self._write(outcome.text + "\n")
+        elif isinstance(outcome, Refusal):
+            self._write(f"! {outcome.reason}\n")
+        elif isinstance(outcome, JobQueued):
+            self.follow(outcome)
+        return outcome
+
+    def follow(self, queued: JobQueued) -> None:
+        """Render the job's events until it is done or failed."""
+        self._write(f"{queued.character}: ")
+        self._shown = self._stage_start = None
+        if queued.position and queued.position > 1:
+            self._status(f"[{queued.position - 1} ahead of you in the queue]")
+        try:
+            for _entry_id, event in follow_sync(self.redis, queued.job_id, idle_timeout_s=self.idle_timeout_s):
+                self.render(queued.job_id, event)
+        except TimeoutError:
+            self._write(f"\n! No word from the workers about request #{queued.job_id}; /status shows where it is.\n")
+
+    def render(self, job_id: int, event: JobEvent) -> None:
+        """One event on the terminal."""
+        if isinstance(event, TextDelta):
+            self._write(event.text)
+        elif isinstance(event, Progress):
+            self._progress(event)
+        elif isinstance(event, ImageReady):
+            self._status(f"[image saved: {self._save(job_id, event)}]")
+        elif isinstance(event, Done):
+            self._write("\n")
+        elif isinstance(event, Failed):
+            self._write(f"\n! {event.error}\n")
+
+    def _progress(self, event: Progress) -> None:
+        """Queue position when it changes; a stage's percent and ETA at most every 10 % (and at 100 %)."""
+        if event.stage == "queued" and event.position is not None:
+            shown: tuple[str, int] = ("queued", event.position)
+            text = f"[{max(event.position - 1, 0)} ahead of you in the queue]"
+        elif event.total:
+            percent = 100 * event.step // event.total
+            shown = (event.stage, percent // 10)
+            text = f"[{event.stage} {percent}%{self._eta(event)}]"
+        else:
+            return
+        if shown != self._shown:
+            self._shown = shown
+            self._status(text)
+
+    def _eta(self, event: Progress) -> str:
+        """The worker's ETA, or one from this stage's pace so far."""
+        now = time.monotonic()
+        if self._stage_start is None or self._stage_start[0] != event.stage:
+            self._stage_start = (event.stage, now, event.step)
+        eta = event.eta_s
+        _, started, first_step = self._stage_start
+        if eta is None and event.step > first_step:
+            eta = (now - started) / (event.step - first_step) * (event.total - event.step)
+        return f", about {eta:.0f} s left" if eta is not None and event.step < event.total else ""
+
+    def _save(self, job_id: int, event: ImageReady) -> Path:
+        """Copy the image out of the file store into the console's image folder."""
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        target = self.image_dir / f"job{job_id}-{event.key[:12]}{Path(event.key).suffix}"
+        with self.store.open(event.key) as source, target.open("wb") as sink:
+            shutil.copyfileobj(source, sink)
+        return target.resolve()
+
+    def _status(self, text: str) -> None:
+        """A status line between pieces of the reply."""
+        self._write(f"\n{text}\n")
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+
+def run_console(settings: Settings, user: str = "local", lines: TextIO | None = None, out: TextIO | None = None) -> int:
+    """``unichar chat``: connect to the stores and the broker, then run the loop on stdin/stdout."""
+    import redis
+
+    from core.db.session import make_engine, make_sessionmaker
+    from workers.tasks import dispatch
+
+    engine = make_engine(settings.sql_url)
+    client = redis.Redis.from_url(settings.redis_url)
+    store = FileStore(settings.files_dir)
+    frontend = ConsoleFrontend(
+        service=ChatService(make_sessionmaker(engine), settings, dispatch, store),
+        redis=client,
+        store=store,
+        image_dir=settings.console_image_dir,
+        out=out or sys.stdout,
+        user=user,
+    )
+    try:
+        return frontend.run(lines or sys.stdin)
+    finally:
+        client.close()
+        engine.dispose()

@@ -1,0 +1,474 @@
+"""Delivery of a job's result to a chat: follow the job's event stream, drive a platform renderer, record it in SQL.
+
+A platform implements only :class:`Renderer` (send, edit, delete, send an image, show a chat action); this module
+does the rest the same way for every frontend: streaming text into one message edited at the platform's pace,
+opening a new message before the length limit, queue position and percent while an image renders, the image, the
+error. Every platform message id is written to ``Job.delivery`` as soon as the message exists, and
+``Job.delivered_at`` once the last one is final, so a restarted bot resumes unfinished deliveries by editing the
+messages it already posted, and never posts a delivered reply twice. When the event stream is quiet the job row
+is read instead: it gives the queue position, and the stored reply if the stream has expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from bots.render import EditPacer, RetryLater, progress_text, take_chunk
+from core.db.models import Chat, Conversation, Job, Message, User, utcnow
+from core.jobs import TERMINAL_STATES, Done, Failed, ImageReady, JobEvent, JobKind, JobState, Progress, TextDelta
+from core.queue import position
+
+if TYPE_CHECKING:
+    from core.media import FileStore
+
+__all__ = [
+    "Action",
+    "Target",
+    "Renderer",
+    "RecipientGone",
+    "MessageGone",
+    "Follow",
+    "Deliveries",
+]
+
+log = logging.getLogger(__name__)
+
+Action = Literal["typing", "upload_photo"]
+Follow = Callable[[int, str], AsyncIterator[tuple[str, JobEvent]]]  # (job id, last entry id); TimeoutError when idle
+
+_DELIVERED_KINDS = (JobKind.CHAT, JobKind.IMAGE)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a job's result goes and for whom, rebuilt from SQL after a restart."""
+
+    job_id: int
+    kind: JobKind
+    chat_id: str  # the platform's chat id
+    reply_to: str | None = None  # the platform id of the user's message
+    user_id: str | None = None  # the platform id of the requester (who may press the buttons)
+
+
+class RecipientGone(Exception):
+    """The platform will not deliver to this chat any more (the user blocked the bot, the bot left the group)."""
+
+
+class MessageGone(Exception):
+    """The message to edit or delete no longer exists (someone deleted it)."""
+
+
+class Renderer(Protocol):
+    """What a platform implements so that a job can be shown; raises RetryLater, RecipientGone, MessageGone."""
+
+    limit: int  # longest message, in units of length()
+    edit_interval: float  # seconds between two edits of one message
+    action_interval: float  # seconds a chat action ("typing…") stays visible
+
+    def length(self, text: str) -> int:
+        """Length of ``text`` in the platform's unit."""
+        ...
+
+    async def chat_action(self, action: Action) -> None:
+        """Show that a reply (typing) or a picture (upload_photo) is on its way."""
+        ...
+
+    async def send_text(self, text: str) -> str:
+        """Post a new message (a reply to the user's) and return its id."""
+        ...
+
+    async def edit_text(self, message_id: str, text: str) -> None:
+        """Make a posted message read ``text``; an unchanged text is not an error."""
+        ...
+
+    async def send_image(self, data: bytes, caption: str) -> str:
+        """Post a picture (with the platform's buttons for it) and return its message id."""
+        ...
+
+    async def delete(self, message_id: str) -> None:
+        """Remove a status message that has served its purpose."""
+        ...
+
+
+class Deliveries:
+    """Delivers jobs of one platform, each at most once per process, resumable after a restart."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        follow: Follow,
+        files: FileStore,
+        renderer_for: Callable[[Target], Renderer],
+        platform: str,
+        *,
+        horizon_s: float = 3600.0,
+    ) -> None:
+        self._sessions = sessions
+        self._follow = follow
+        self._files = files
+        self._renderer_for = renderer_for
+        self.platform = platform
+        self._horizon = dt.timedelta(seconds=horizon_s)
+        self._running: dict[int, asyncio.Task[None]] = {}
+
+    def start(self, target: Target, initial: Progress | None = None) -> asyncio.Task[None]:
+        """Deliver in the background (or join the delivery already running for this job).
+
+        ``initial`` is shown first: the queue position the chat service reported, before any worker speaks.
+        """
+        task = self._running.get(target.job_id)
+        if task is None or task.done():
+            task = asyncio.create_task(self._deliver(target, initial), name=f"deliver-job-{target.job_id}")
+            self._running[target.job_id] = task
+            task.add_done_callback(lambda _t, job_id=target.job_id: self._running.pop(job_id, None))
+        return task
+
+    async def resume(self) -> list[int]:
+        """Start delivering every recent job of this platform that is not delivered yet; returns their ids."""
+        targets = await asyncio.to_thread(self._undelivered)
+        for target in targets:
+            self.start(target)
+        if targets:
+            log.info("resuming %s unfinished deliveries", len(targets))
+        return [target.job_id for target in targets]
+
+    async def wait_all(self) -> None:
+        """Wait for the deliveries running now (tests and shutdown)."""
+        while self._running:
+            await asyncio.gather(*list(self._running.values()), return_exceptions=True)
+
+    async def _deliver(self, target: Target, initial: Progress | None) -> None:
+        state = await asyncio.to_thread(self._claim, target)
+        if state is None:
+            return
+        run = _Run(self, target, self._renderer_for(target), state)
+        try:
+            await run.run(initial)
+        except RecipientGone:
+            log.info("job %s: recipient gone, delivery skipped", target.job_id)
+            await asyncio.to_thread(self._recipient_gone, target.job_id, run.state)
+        except Exception:
+            log.exception("job %s: delivery failed; it resumes at the next start", target.job_id)
+            raise
+
+    # --- SQL (each in a worker thread: one short transaction) ---------------------------------------------
+
+    def _claim(self, target: Target) -> dict[str, Any] | None:
+        """The job's delivery state, with the target recorded; None when it is already delivered."""
+        with self._sessions.begin() as session:
+            job = session.get(Job, target.job_id)
+            if job is None or job.delivered_at is not None:
+                return None
+            state = dict(job.delivery or {})
+            state.setdefault("platform", self.platform)
+            state.setdefault("target", {"chat_id": target.chat_id, "reply_to": target.reply_to, "user_id": target.user_id})
+            job.delivery = state
+            return state
+
+    def save(self, job_id: int, state: dict[str, Any], *, delivered: bool = False) -> None:
+        """Write the delivery state (a fresh dict, so that the JSON column sees the change)."""
+        with self._sessions.begin() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                return
+            job.delivery = dict(state)
+            if delivered:
+                job.delivered_at = utcnow()
+
+    def snapshot(self, job_id: int) -> _Snapshot:
+        """The job row's view of the job: state, queue position, stored reply and images."""
+        with self._sessions() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                return _Snapshot(JobState.FAILED, None, "", (), "This request no longer exists.")
+            reply = session.get(Message, job.reply_message_id) if job.reply_message_id else None
+            keys = tuple(reply.image_keys if reply and reply.image_keys else job.result.get("image_keys", ()))
+            return _Snapshot(job.state, position(session, job_id), reply.text if reply else "", keys, job.error)
+
+    def read_image(self, key: str) -> bytes:
+        """An image's bytes from the file store."""
+        return self._files.read(key)
+
+    def _recipient_gone(self, job_id: int, state: dict[str, Any]) -> None:
+        with self._sessions.begin() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                return
+            job.delivery = {**state, "skipped": "recipient gone"}
+            job.delivered_at = utcnow()
+            if job.user_id is not None and (user := session.get(User, job.user_id)) is not None:
+                user.blocked_bot = True
+
+    def _undelivered(self) -> list[Target]:
+        since = utcnow() - self._horizon
+        with self._sessions() as session:
+            request = Message.__table__.alias("request")
+            rows = session.execute(
+                select(Job, Chat.platform_chat_id, request.c.platform_message_id, User.platform_user_id)
+                .outerjoin(request, request.c.id == Job.request_message_id)
+                .outerjoin(Conversation, Conversation.id == Job.conversation_id)
+                .join(Chat, Chat.id == Conversation.chat_id)
+                .outerjoin(User, User.id == Job.user_id)
+                .where(
+                    Job.delivered_at.is_(None),
+                    Job.kind.in_([kind.value for kind in _DELIVERED_KINDS]),
+                    Job.created_at >= since,
+                    Chat.platform == self.platform,
+                )
+                .order_by(Job.id)
+            ).all()
+        targets = []
+        for job, chat_id, reply_to, user_id in rows:
+            recorded = (job.delivery or {}).get("target") or {}
+            targets.append(
+                Target(
+                    job.id,
+                    job.kind,
+                    recorded.get("chat_id", chat_id),
+                    recorded.get("reply_to", reply_to),
+                    recorded.get("user_id", user_id),
+                )
+            )
+        return targets
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    state: JobState
+    position: int | None
+    text: str
+    image_keys: tuple[str, ...]
+    error: str | None
+
+
+class _Run:
+    """One job's delivery: the streamed text, the status line, the images, persisted step by step.
+
+    ``state`` (the ``Job.delivery`` JSON): ``messages`` are the text messages in order, the last one live;
+    ``offset``/``carry`` say where the live message's text starts in the reply (see ``render.take_chunk``);
+    ``status`` is the progress message of an image job; ``images`` the image keys already posted.
+    """
+
+    def __init__(self, owner: Deliveries, target: Target, renderer: Renderer, state: dict[str, Any]) -> None:
+        self.owner = owner
+        self.target = target
+        self.renderer = renderer
+        self.state: dict[str, Any] = {"messages": [], "offset": 0, "carry": "", "images": [], "photos": [], **state}
+        self.text = ""
+        self.action: Action | None = "upload_photo" if target.kind is JobKind.IMAGE else "typing"
+        self.pacer: EditPacer | None = None
+        self.status_pacer: EditPacer | None = None
+
+    async def run(self, initial: Progress | None = None) -> None:
+        keepalive = asyncio.create_task(self._keep_action())
+        try:
+            if initial is not None:
+                await self._show_progress(initial)
+            await self._consume()
+        finally:
+            keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keepalive
+
+    async def _consume(self) -> None:
+        last_id = "0"  # always replay: the stream holds the whole reply, the state says what is shown already
+        while True:
+            try:
+                async for last_id, event in self.owner._follow(self.target.job_id, last_id):
+                    if await self._on_event(event):
+                        return
+            except TimeoutError:
+                pass  # quiet stream: the job row says whether it waits, runs, or ended with its stream gone
+            snapshot = await asyncio.to_thread(self.owner.snapshot, self.target.job_id)
+            if snapshot.state in TERMINAL_STATES:
+                await self._from_row(snapshot)
+                return
+            if snapshot.state is JobState.QUEUED:
+                await self._on_event(Progress(stage="queued", position=snapshot.position))
+
+    async def _on_event(self, event: JobEvent) -> bool:
+        """Render one event; True when the delivery is complete."""
+        if isinstance(event, TextDelta):
+            self.text += event.text
+            await self._show_text(final=False)
+        elif isinstance(event, Progress):
+            await self._show_progress(event)
+        elif isinstance(event, ImageReady):
+            await self._show_image(event.key)
+        elif isinstance(event, Done):
+            await self._finish()
+            return True
+        elif isinstance(event, Failed):
+            await self._fail(event.error)
+            return True
+        return False
+
+    async def _from_row(self, snapshot: _Snapshot) -> None:
+        """Finish from the stored result when the event stream is gone (expired, or the bot was down long)."""
+        if snapshot.state is JobState.DONE:
+            self.text = snapshot.text
+            for key in snapshot.image_keys:
+                await self._show_image(key)
+            await self._finish()
+        else:
+            await self._fail(snapshot.error or "The request was cancelled.")
+
+    # --- text ---------------------------------------------------------------------------------------------
+
+    async def _show_text(self, *, final: bool) -> None:
+        """Spread the reply over messages: finished ones are final, the last one is edited as text arrives."""
+        limit, length = self.renderer.limit, self.renderer.length
+        while True:
+            carry, offset = self.state["carry"], self.state["offset"]
+            source = carry + self.text[offset:]
+            if not source.strip():
+                return
+            self.state.pop("placeholder", None)
+            chunk, next_carry, used = take_chunk(source, limit, length)
+            if used == len(source):
+                await self._set_live(chunk, final=final)
+                return
+            await self._set_live(chunk, final=True)  # this message is full: finish it, then open the next
+            self.state["offset"] = offset + used - len(carry)
+            self.state["carry"] = next_carry
+            self.state["live_done"] = True
+            await self._save()
+
+    async def _set_live(self, text: str, *, final: bool) -> None:
+        if self.state.pop("live_done", False) or not self.state["messages"]:
+            await self._drop_pacer()
+            message_id = await self._retrying(self.renderer.send_text, text)
+            self.state["messages"] = [*self.state["messages"], message_id]
+            await self._save()
+            self.pacer = self._new_pacer(message_id, sent=text)
+        elif self.pacer is None:  # resumed (or the placeholder): the live message exists, its text is unknown
+            self.pacer = self._new_pacer(self.state["messages"][-1], sent="")
+        self.pacer.update(text)
+        if final:
+            await self.pacer.flush()
+
+    def _new_pacer(self, message_id: str, *, sent: str) -> EditPacer:
+        renderer = self.renderer
+
+        async def edit(text: str) -> None:
+            try:
+                await renderer.edit_text(message_id, text)
+            except MessageGone:
+                log.info("job %s: message %s was deleted; the text continues in a new one", self.target.job_id, message_id)
+
+        return EditPacer(edit, renderer.edit_interval, sent=sent)
+
+    async def _drop_pacer(self) -> None:
+        if self.pacer is not None:
+            await self.pacer.flush()
+            self.pacer = None
+
+    # --- status, images, the end --------------------------------------------------------------------------
+
+    async def _show_progress(self, progress: Progress) -> None:
+        if self.target.kind is JobKind.CHAT:
+            # A reply only says where it stands while it waits behind others; typing shows the rest.
+            waiting = progress.stage == "queued" and (progress.position or 0) > 1
+            if not self.text and (self.state.get("placeholder") or (waiting and not self.state["messages"])):
+                self.state["placeholder"] = True
+                await self._set_live(progress_text(progress, what="your reply"), final=False)
+            return
+        if self.state["images"]:
+            return  # replayed after a restart: the picture is already there
+        line = progress_text(progress)
+        status = self.state.get("status")
+        if status is None:
+            status = await self._retrying(self.renderer.send_text, line)
+            self.state["status"] = status
+            await self._save()
+            self.status_pacer = self._new_pacer(status, sent=line)
+        elif self.status_pacer is None:
+            self.status_pacer = self._new_pacer(status, sent="")
+        self.status_pacer.update(line)
+
+    async def _show_image(self, key: str) -> None:
+        if key in self.state["images"]:
+            return
+        if self.target.kind is JobKind.CHAT:
+            await self._show_text(final=True)  # the words first, then the scene they describe
+        data = await asyncio.to_thread(self.owner.read_image, key)
+        self.action = "upload_photo"
+        photo_id = await self._retrying(self.renderer.send_image, data, "")
+        self.state["images"] = [*self.state["images"], key]
+        self.state["photos"] = [*self.state["photos"], photo_id]
+        await self._save()
+        await self._clear_status()
+
+    async def _clear_status(self) -> None:
+        status = self.state.pop("status", None)
+        if self.status_pacer is not None:
+            await self.status_pacer.cancel()
+            self.status_pacer = None
+        if status is not None:
+            with contextlib.suppress(MessageGone):
+                await self.renderer.delete(status)
+
+    async def _finish(self) -> None:
+        self.action = None
+        if self.target.kind is JobKind.CHAT:
+            if self.text.strip():
+                await self._show_text(final=True)
+            else:
+                await self._set_live("⚠️ The reply came back empty. Please try again.", final=True)
+        elif not self.state["images"]:
+            await self._fail("The picture could not be made. Please try again.")
+            return
+        await self._drop_pacer()
+        await self._clear_status()
+        await self._save(delivered=True)
+
+    async def _fail(self, error: str) -> None:
+        self.action = None
+        line = f"⚠️ {error}"
+        if self.text.strip():
+            await self._show_text(final=True)
+            self.state["live_done"] = True  # the error gets its own message after the partial reply
+        status = self.state.pop("status", None)
+        if status is not None:  # an image job's status line becomes the error
+            pacer = self.status_pacer or self._new_pacer(status, sent="")
+            self.status_pacer = None
+            pacer.update(line)
+            await pacer.flush()
+        else:
+            await self._set_live(line, final=True)  # edits a placeholder, else posts the error
+        await self._drop_pacer()
+        await self._save(delivered=True)
+
+    # --- plumbing ------------------------------------------------------------------------------------------
+
+    async def _save(self, *, delivered: bool = False) -> None:
+        await asyncio.to_thread(self.owner.save, self.target.job_id, self.state, delivered=delivered)
+
+    async def _retrying(self, call: Callable[..., Any], *args: Any) -> str:
+        """A send that honours the platform's retry-after (edits are paced by EditPacer instead)."""
+        while True:
+            try:
+                return str(await call(*args))
+            except RetryLater as exc:
+                log.info("job %s: send paced back by %.1f s", self.target.job_id, exc.retry_after)
+                await asyncio.sleep(exc.retry_after)
+
+    async def _keep_action(self) -> None:
+        """Repeat the chat action while the job is on its way (a platform shows one for a few seconds only)."""
+        while self.action is not None:
+            try:
+                await self.renderer.chat_action(self.action)
+            except RecipientGone:
+                return
+            except Exception as exc:  # a lost "typing…" is cosmetic: never fail the delivery for it
+                log.debug("chat action failed: %s", exc)
+            await asyncio.sleep(self.renderer.action_interval)

@@ -1,0 +1,86 @@
+"""Start-up of the Discord bot: the resources it needs, owned by one ``async with`` block, and ``main``.
+
+``main(settings)`` is what ``unichar run`` and ``unichar bot discord`` call when ``UNICHAR_DISCORD_TOKEN`` is
+set. Slash commands are not uploaded here: that is ``unichar discord sync`` (bots/discord/cli.py), run once
+after a change, never on every start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Final
+
+from bots.discord.bot import Services, UniBot
+from core import streams
+from core.chat import ChatService, Dispatch
+from core.db.session import make_engine, make_sessionmaker
+from core.jobs import JobKind
+from core.media import FileStore
+from core.submissions import Submissions
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from redis.asyncio import Redis
+
+    from core.config import Settings
+    from core.jobs import JobEvent
+
+__all__ = ["FOLLOW_IDLE_S", "main", "serve", "stream_follower"]
+
+log = logging.getLogger(__name__)
+
+FOLLOW_IDLE_S: Final = 5.0  # a quiet stream makes the delivery read the job row (queue position, stored reply)
+
+
+def stream_follower(redis: Redis, idle_timeout_s: float = FOLLOW_IDLE_S):  # type: ignore[no-untyped-def]
+    """The delivery's ``follow``: a job's events from Redis, TimeoutError after ``idle_timeout_s`` of quiet."""
+
+    def follow(job_id: int, last_id: str) -> AsyncIterator[tuple[str, JobEvent]]:
+        return streams.follow(redis, job_id, last_id, idle_timeout_s=idle_timeout_s)
+
+    return follow
+
+
+def services(settings: Settings, sessions, redis: Redis, dispatch: Dispatch) -> Services:  # type: ignore[no-untyped-def]
+    """The bot's collaborators, built from the settings."""
+    store = FileStore(settings.files_dir)
+    return Services(
+        settings=settings,
+        sessions=sessions,
+        chat=ChatService(sessions, settings, dispatch, store),
+        submissions=Submissions(settings, store, dispatch=lambda job_id: dispatch(job_id, JobKind.TRAIN)),
+        files=store,
+        follow=stream_follower(redis),
+    )
+
+
+async def serve(settings: Settings, dispatch: Dispatch) -> None:
+    """Run the bot until it is closed; every resource is released on the way out."""
+    from redis.asyncio import Redis
+
+    assert settings.discord_token is not None
+    engine = make_engine(settings.sql_url)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        async with UniBot(services(settings, make_sessionmaker(engine), redis, dispatch)) as bot:
+            await bot.start(settings.discord_token.get_secret_value())
+    finally:
+        await redis.aclose()
+        engine.dispose()
+
+
+def main(settings: Settings) -> int:
+    """Run the Discord bot in the foreground; returns the exit code."""
+    token = settings.discord_token.get_secret_value() if settings.discord_token is not None else ""
+    if not token:
+        log.error("UNICHAR_DISCORD_TOKEN is not set; the Discord bot cannot start")
+        return 2
+    from workers.tasks import dispatch
+
+    try:
+        asyncio.run(serve(settings, dispatch))
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,99 @@
+"""Per-guild and per-channel settings: where characters may speak, where they listen to every message.
+
+Stored in ``Chat`` rows: the guild's row (``platform_chat_id = "guild:<id>"``) keeps ``settings["channels"]``, the
+channels where characters may speak (empty: everywhere); a channel's row keeps ``settings["listen"]`` (a character
+answers every message there, not only mentions and replies) and ``nsfw_allowed``, which follows Discord's
+age-restricted flag of the channel (a thread follows its parent). Reading is cheap and done per message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import discord
+
+from core.db import repositories as repo
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from core.db.models import Chat
+
+__all__ = ["PLATFORM", "Place", "guild_key", "home_channel", "place_of", "allow_channel", "set_listen"]
+
+PLATFORM = "discord"
+
+
+def guild_key(guild_id: int) -> str:
+    """The ``Chat.platform_chat_id`` of a guild's settings row."""
+    return f"guild:{guild_id}"
+
+
+def home_channel(channel: discord.abc.Messageable) -> discord.abc.Messageable:
+    """The channel whose settings apply: a thread's parent, else the channel itself."""
+    if isinstance(channel, discord.Thread) and channel.parent is not None:
+        return channel.parent
+    return channel
+
+
+def _is_nsfw(channel: discord.abc.Messageable) -> bool:
+    home = home_channel(channel)
+    return bool(getattr(home, "is_nsfw", lambda: False)())
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """What the settings say about one channel: may characters speak, do they listen to all, NSFW allowed."""
+
+    allowed: bool
+    listen: bool
+    nsfw: bool
+
+
+def place_of(session: Session, channel: discord.abc.Messageable) -> Place:
+    """The settings of ``channel`` (DMs: allowed, listening, never NSFW); records its age-restricted flag."""
+    guild = getattr(channel, "guild", None)
+    if guild is None:
+        return Place(allowed=True, listen=True, nsfw=False)
+    home = home_channel(channel)
+    guild_row = repo.get_or_create_chat(session, PLATFORM, guild_key(guild.id), is_group=True)
+    channels = [int(c) for c in (guild_row.settings or {}).get("channels", [])]
+    row = repo.get_or_create_chat(session, PLATFORM, str(channel.id), is_group=True)  # type: ignore[attr-defined]
+    nsfw = _is_nsfw(channel)
+    if row.nsfw_allowed != nsfw:
+        row.nsfw_allowed = nsfw
+    listen = bool((row.settings or {}).get("listen")) or _listens(session, home, channel)
+    return Place(allowed=not channels or home.id in channels, listen=listen, nsfw=nsfw)  # type: ignore[attr-defined]
+
+
+def _listens(session: Session, home: discord.abc.Messageable, channel: discord.abc.Messageable) -> bool:
+    """A thread listens when its parent channel does."""
+    if home is channel:
+        return False
+    parent = repo.get_or_create_chat(session, PLATFORM, str(home.id), is_group=True)  # type: ignore[attr-defined]
+    return bool((parent.settings or {}).get("listen"))
+
+
+def _update(row: Chat, **changes: object) -> None:
+    row.settings = {**(row.settings or {}), **changes}  # a new dict, so the JSON column is seen as changed
+
+
+def allow_channel(session: Session, guild_id: int, channel_id: int, allowed: bool) -> list[int]:
+    """Add or remove a channel from the guild's speaking list; returns the list (empty: everywhere)."""
+    row = repo.get_or_create_chat(session, PLATFORM, guild_key(guild_id), is_group=True)
+    channels = [int(c) for c in (row.settings or {}).get("channels", [])]
+    if allowed and channel_id not in channels:
+        channels.append(channel_id)
+    if not allowed and channel_id in channels:
+        channels.remove(channel_id)
+    _update(row, channels=[str(c) for c in channels])
+    return channels
+
+
+def set_listen(session: Session, channel_id: int, listen: bool, character_id: int | None = None) -> None:
+    """Make a character answer every message in a channel (or stop); ``character_id`` picks who speaks there."""
+    row = repo.get_or_create_chat(session, PLATFORM, str(channel_id), is_group=True)
+    _update(row, listen=listen)
+    if character_id is not None:
+        row.active_character_id = character_id

@@ -1,0 +1,665 @@
+"""What a character remembers of a user: recent window, rolling summaries, facts, recall, persona; export and forget.
+
+Everything lives in SQL and is scoped per user x character x conversation (a conversation is one user with one
+character in one chat; /reset closes it). The parts:
+
+- **Recent window**: the last ``Settings.history_messages`` turns of the conversation, verbatim.
+- **Rolling summary**: when ``Settings.summary_every`` turns have fallen out of the window unsummarised,
+  :func:`summary_due` says so and a low-priority SUMMARY job asks the model (:func:`summary_request`) for an updated
+  summary plus lasting facts about the user, stored by :func:`store_summary`. Never in the path of a reply.
+- **Facts**: pinned by the user (/remember) for one character across chats; extracted by the model, kept for
+  the chat they were learnt in.
+- **Recall**: older turns relevant to the new message, ranked by BM25 over an inverted index kept in SQL
+  (``message_terms``). Lexical rather than embedding recall because role-play recall is mostly about names,
+  places and objects the user mentions again, which exact terms find well; because it needs no second model on
+  the GPU nor vectors in the database (PostgreSQL and SQLite alike); and because it is fast: a query reads only
+  the postings of the message's rarer terms through one index, a few milliseconds for a 10,000-turn history.
+  The index catches up lazily (new turns of the chat are indexed on the next recall), so writers need not know it.
+- **Presence**: a character knows only what was said where it was present. Summaries and extracted facts are
+  per conversation/chat; recall reads only the current chat: in a direct chat, the current conversation; in a
+  group, every open conversation there from the first turn this character took part in (it has been in the
+  scene since), with whoever spoke. Nothing said in another chat, or before the character arrived, is recalled.
+
+Chat commands (/remember, /forget, /persona, /memory) are functions taking a session and returning the text to
+show the user. :func:`forget_user` deletes every row that belongs to a user, following the schema's foreign keys,
+and the user's files once the transaction commits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from sqlalchemy import String, Table, cast, delete, event, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from core.db.models import (
+    Base,
+    Character,
+    CharacterSubmission,
+    Chat,
+    Conversation,
+    Job,
+    Memory,
+    Message,
+    MessageTerm,
+    ReferenceImage,
+    SubmissionImage,
+    User,
+)
+from core.jobs import TERMINAL_STATES, JobKind
+from core.model.api import TextSegment
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+    from sqlalchemy.sql import ColumnElement
+
+    from core.config import Settings
+    from core.media import FileStore
+
+__all__ = [
+    "Turn",
+    "MemoryContext",
+    "SummaryRequest",
+    "terms",
+    "index_chat",
+    "window",
+    "recall",
+    "facts",
+    "latest_summary",
+    "memory_context",
+    "summary_due",
+    "summary_request",
+    "store_summary",
+    "remember",
+    "forget",
+    "persona",
+    "describe_memory",
+    "export_user",
+    "forget_user",
+]
+
+log = logging.getLogger(__name__)
+
+PINNED, EXTRACTED, SUMMARY = "pinned", "extracted", "summary"
+MAX_FACT_CHARS: Final = 500
+MAX_FACTS: Final = 50  # per kind, per user and character; the oldest extracted facts go first
+MAX_PERSONA_CHARS: Final = 1000
+SUMMARY_WORDS: Final = 150
+SUMMARY_REPLY_TOKENS: Final = 400
+TURN_ROLES: Final = ("user", "character")
+MAX_POSTINGS: Final = 5000  # postings read per recall: the rarest query terms first
+RESCAN_TURNS: Final = 20  # the chat's latest turns checked again by the indexer
+_FACTS_LINE = re.compile(r"(?im)^\s*facts?\s*:")
+_BM25_K1, _BM25_B = 1.2, 0.75
+_WORD = re.compile(r"[^\W_]+")
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+")
+_STOPWORDS: Final = frozenset(
+    """a an and are as at be been but by can could did do does for from had has have he her hers him his how i if
+    in into is it its just me my no not of on or our she so than that the their them then there they this to too
+    us was we were what when where which who why will with would you your yours am im ive dont oh ok okay yes yeah
+    nyaa""".split()
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One stored turn as the prompt shows it."""
+
+    message_id: int
+    role: str  # user | character
+    speaker: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryContext:
+    """Everything memory contributes to one reply's prompt."""
+
+    window: list[Turn]  # oldest first
+    summary: str
+    pinned: list[str]
+    extracted: list[str]
+    recalled: list[Turn]  # most relevant first
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryRequest:
+    """A SUMMARY job's model request: run ``segments`` and hand the text to :func:`store_summary`."""
+
+    conversation_id: int
+    segments: list[TextSegment]
+    covers_until_message_id: int
+    max_new_tokens: int = SUMMARY_REPLY_TOKENS
+
+
+# --- the recall index ---------------------------------------------------------------------------------------
+
+
+def _stem(word: str) -> str:
+    """A light English plural fold, so that 'cats' finds 'cat'."""
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]
+    return word
+
+
+def terms(text: str) -> list[str]:
+    """Index terms of ``text``: folded words without stop words, and character bigrams for CJK scripts."""
+    out: list[str] = []
+    for word in _WORD.findall(text.casefold()):
+        if _CJK.fullmatch(word):
+            out.extend(word[i : i + 2] for i in range(max(1, len(word) - 1)))
+        elif len(word) > 1 and word not in _STOPWORDS:
+            out.append(_stem(word)[:64])
+    return out
+
+
+def index_chat(session: Session, chat_id: int) -> int:
+    """Index the chat's turns that are not indexed yet; returns how many were indexed.
+
+    Reads the turns after the newest indexed one, plus the last few again: a turn committed late (a lower id
+    than one already indexed) is caught that way.
+    """
+    last = session.scalar(select(func.max(MessageTerm.message_id)).where(MessageTerm.chat_id == chat_id)) or 0
+    latest = select(Message.id).where(Message.chat_id == chat_id).order_by(Message.id.desc()).limit(RESCAN_TURNS)
+    rows = session.execute(
+        select(Message.id, Message.conversation_id, Message.text).where(
+            Message.chat_id == chat_id,
+            Message.role.in_(TURN_ROLES),
+            (Message.id > last) | Message.id.in_(latest.scalar_subquery()),
+        )
+    ).all()
+    done = set(
+        session.scalars(
+            select(MessageTerm.message_id.distinct()).where(MessageTerm.message_id.in_([r.id for r in rows]))
+        )
+    ) if rows else set()
+    postings = []
+    for message_id, conversation_id, text in rows:
+        if message_id in done:
+            continue
+        counts = Counter(terms(text)) or Counter({"": 0})  # the empty term marks a message without terms
+        length = sum(counts.values())
+        postings.extend(
+            {"message_id": message_id, "term": term, "chat_id": chat_id, "conversation_id": conversation_id,
+             "count": n, "length": length}
+            for term, n in counts.items()
+        )
+    if postings:
+        try:
+            with session.begin_nested():  # another worker indexing the same turns wins; ours is redundant
+                session.execute(MessageTerm.__table__.insert(), postings)
+        except IntegrityError:
+            log.debug("chat %s was indexed concurrently", chat_id)
+    return len(rows) - len(done)
+
+
+# --- reading memory -----------------------------------------------------------------------------------------
+
+
+def _speakers(session: Session, conversation_ids: Iterable[int]) -> dict[int, tuple[str, str]]:
+    """(user name, character name) of each conversation."""
+    rows = session.execute(
+        select(Conversation.id, User.display_name, Character.name)
+        .join(User, User.id == Conversation.user_id)
+        .join(Character, Character.id == Conversation.character_id)
+        .where(Conversation.id.in_(set(conversation_ids)))
+    ).all()
+    return {cid: (user or "User", character) for cid, user, character in rows}
+
+
+def _turns(session: Session, messages: Sequence[Message]) -> list[Turn]:
+    names = _speakers(session, {m.conversation_id for m in messages})
+    return [
+        Turn(m.id, m.role, names[m.conversation_id][0 if m.role == "user" else 1], m.text)
+        for m in messages
+        if m.role in TURN_ROLES
+    ]
+
+
+def _scope(session: Session, conversation: Conversation) -> tuple[list[int], int]:
+    """The conversations whose turns this character heard in this chat, and the first turn it heard."""
+    chat = session.get(Chat, conversation.chat_id)
+    if chat is None or not chat.is_group:
+        return [conversation.id], 0
+    arrived = session.scalar(
+        select(func.min(Message.id))
+        .join(Conversation, Conversation.id == Message.conversation_id)
+        .where(Conversation.chat_id == chat.id, Conversation.character_id == conversation.character_id)
+    )
+    open_ids = session.scalars(
+        select(Conversation.id).where(Conversation.chat_id == chat.id, Conversation.active.is_(True))
+    ).all()
+    return list(open_ids), arrived or 0
+
+
+def window(session: Session, conversation: Conversation, before_id: int | None, limit: int) -> list[Turn]:
+    """The last ``limit`` turns this character heard in the chat before ``before_id``, oldest first."""
+    conversation_ids, arrived = _scope(session, conversation)
+    query = select(Message).where(
+        Message.conversation_id.in_(conversation_ids), Message.id >= arrived, Message.role.in_(TURN_ROLES)
+    )
+    if before_id is not None:
+        query = query.where(Message.id < before_id)
+    rows = session.scalars(query.order_by(Message.id.desc()).limit(limit)).all()
+    return _turns(session, list(reversed(rows)))
+
+
+def recall(session: Session, conversation: Conversation, query: str, *, before_id: int, limit: int) -> list[Turn]:
+    """Up to ``limit`` turns heard before ``before_id`` that best match ``query`` (BM25), best first."""
+    wanted = set(terms(query))
+    if limit <= 0 or not wanted:
+        return []
+    index_chat(session, conversation.chat_id)
+    conversation_ids, arrived = _scope(session, conversation)
+    scope = (
+        MessageTerm.chat_id == conversation.chat_id,
+        MessageTerm.conversation_id.in_(conversation_ids),
+        MessageTerm.message_id >= arrived,
+        MessageTerm.message_id < before_id,
+    )
+    df = dict(
+        session.execute(
+            select(MessageTerm.term, func.count()).where(MessageTerm.term.in_(wanted), *scope).group_by(MessageTerm.term)
+        ).all()
+    )
+    if not df:
+        return []
+    total = session.scalar(
+        select(func.count())
+        .select_from(Message)
+        .where(Message.conversation_id.in_(conversation_ids), Message.id >= arrived, Message.id < before_id)
+    ) or 1
+    idf = {term: math.log(1 + (total - n + 0.5) / (n + 0.5)) for term, n in df.items()}
+    chosen, budget = [], MAX_POSTINGS
+    for term in sorted(df, key=df.__getitem__):  # rarest first: they carry the meaning
+        if df[term] > budget:
+            break
+        chosen.append(term)
+        budget -= df[term]
+    rows = session.execute(
+        select(MessageTerm.message_id, MessageTerm.term, MessageTerm.count, MessageTerm.length).where(
+            MessageTerm.term.in_(chosen), *scope
+        )
+    ).all()
+    if not rows:
+        return []
+    average = sum(row.length for row in rows) / len(rows)
+    scores: dict[int, float] = defaultdict(float)
+    for message_id, term, count, length in rows:
+        norm = count + _BM25_K1 * (1 - _BM25_B + _BM25_B * length / average)
+        scores[message_id] += idf[term] * count * (_BM25_K1 + 1) / norm
+    best = sorted(scores, key=lambda mid: (-scores[mid], -mid))[:limit]
+    messages = session.scalars(select(Message).where(Message.id.in_(best))).all()
+    rank = {mid: i for i, mid in enumerate(best)}
+    return sorted(_turns(session, messages), key=lambda turn: rank[turn.message_id])
+
+
+def facts(session: Session, user_id: int, character_id: int, chat_id: int) -> list[Memory]:
+    """The facts this character knows about the user here: pinned ones, then those learnt in this chat."""
+    query = select(Memory).where(
+        Memory.user_id == user_id,
+        Memory.character_id == character_id,
+        (Memory.kind == PINNED) | ((Memory.kind == EXTRACTED) & (Memory.chat_id == chat_id)),
+    )
+    rows = session.scalars(query.order_by(Memory.id)).all()
+    return sorted(rows, key=lambda m: m.kind != PINNED)
+
+
+def latest_summary(session: Session, conversation_id: int) -> Memory | None:
+    """The conversation's current rolling summary."""
+    query = select(Memory).where(Memory.conversation_id == conversation_id, Memory.kind == SUMMARY)
+    return session.scalars(query.order_by(Memory.covers_until_message_id.desc(), Memory.id.desc()).limit(1)).first()
+
+
+def memory_context(
+    session: Session, conversation: Conversation, new_message: Message, settings: Settings
+) -> MemoryContext:
+    """What memory adds to the reply to ``new_message`` (already stored in the conversation)."""
+    recent = window(session, conversation, new_message.id, settings.history_messages)
+    summary = latest_summary(session, conversation.id)
+    known = facts(session, conversation.user_id, conversation.character_id, conversation.chat_id)
+    floor = recent[0].message_id if recent else new_message.id
+    recalled = recall(session, conversation, new_message.text, before_id=floor, limit=settings.recall_turns)
+    return MemoryContext(
+        window=recent,
+        summary=summary.text if summary else "",
+        pinned=[m.text for m in known if m.kind == PINNED],
+        extracted=[m.text for m in known if m.kind == EXTRACTED],
+        recalled=recalled,
+    )
+
+
+# --- rolling summaries (the SUMMARY job) -------------------------------------------------------------------
+
+
+def _unsummarised(session: Session, conversation: Conversation, settings: Settings) -> tuple[int, int]:
+    """(last turn covered by the summary, newest turn outside the recent window); equal when nothing is due."""
+    summary = latest_summary(session, conversation.id)
+    covered = (summary.covers_until_message_id or 0) if summary else 0
+    boundary = session.scalar(
+        select(Message.id)
+        .where(Message.conversation_id == conversation.id, Message.role.in_(TURN_ROLES))
+        .order_by(Message.id.desc())
+        .offset(settings.history_messages)
+        .limit(1)
+    )
+    return covered, max(covered, boundary or 0)
+
+
+def summary_due(session: Session, conversation: Conversation, settings: Settings) -> bool:
+    """Whether enough turns fell out of the window to summarise, and no SUMMARY job is already open for them."""
+    covered, boundary = _unsummarised(session, conversation, settings)
+    if boundary == covered:
+        return False
+    pending = session.scalar(
+        select(func.count()).select_from(Message).where(
+            Message.conversation_id == conversation.id,
+            Message.role.in_(TURN_ROLES),
+            Message.id > covered,
+            Message.id <= boundary,
+        )
+    )
+    if (pending or 0) < settings.summary_every:
+        return False
+    open_job = session.scalar(
+        select(Job.id).where(
+            Job.conversation_id == conversation.id,
+            Job.kind == JobKind.SUMMARY,
+            Job.state.not_in(list(TERMINAL_STATES)),
+        )
+    )
+    return open_job is None
+
+
+def summary_request(
+    session: Session, conversation: Conversation, settings: Settings, count_tokens: Callable[[str], int]
+) -> SummaryRequest | None:
+    """The model request that folds the turns that left the window into the rolling summary; None if none did."""
+    covered, boundary = _unsummarised(session, conversation, settings)
+    if boundary == covered:
+        return None
+    rows = session.scalars(
+        select(Message)
+        .where(
+            Message.conversation_id == conversation.id,
+            Message.role.in_(TURN_ROLES),
+            Message.id > covered,
+            Message.id <= boundary,
+        )
+        .order_by(Message.id)
+    ).all()
+    turns = _turns(session, rows)
+    user_name, character_name = _speakers(session, [conversation.id])[conversation.id]
+    summary = latest_summary(session, conversation.id)
+    head = (
+        f"You keep the memory of {character_name}, who is role-playing with {user_name}.\n\n"
+        f"What {character_name} remembered so far:\n{summary.text if summary else '(nothing yet)'}\n\n"
+        "What happened next:\n"
+    )
+    tail = (
+        f"\n\nWrite an updated summary of the whole story so far in at most {SUMMARY_WORDS} words, in the third "
+        "person, keeping names, places, promises and feelings. Then write a line 'Facts:' followed by lasting facts "
+        f"about {user_name} that were just learnt, one per line starting with '- ', or 'Facts: none'."
+    )
+    budget = settings.context_tokens - SUMMARY_REPLY_TOKENS - count_tokens(head + tail)
+    lines, last = [], covered
+    for turn in turns:  # oldest first, so that coverage stays contiguous; the rest waits for the next job
+        line = f"{turn.speaker}: {turn.text}"
+        budget -= count_tokens(line)
+        if budget < 0 and lines:
+            break
+        lines.append(line)
+        last = turn.message_id
+    return SummaryRequest(conversation.id, [TextSegment(head + "\n".join(lines) + tail)], last)
+
+
+def _parse_summary(text: str) -> tuple[str, list[str]]:
+    """The summary and the fact lines of a model's answer."""
+    match = _FACTS_LINE.search(text)
+    if match is None:
+        return text.strip(), []
+    found = []
+    for line in text[match.end() :].splitlines():
+        line = line.strip().lstrip("-*• ").strip()
+        if line and line.casefold().rstrip(".") != "none":
+            found.append(line[:MAX_FACT_CHARS])
+    return text[: match.start()].strip(), found
+
+
+def _add_fact(session: Session, user_id: int, character_id: int, chat_id: int | None, kind: str, text: str) -> bool:
+    """Store a fact unless the same one is known; the oldest of the kind goes past MAX_FACTS."""
+    rows = session.scalars(
+        select(Memory)
+        .where(Memory.user_id == user_id, Memory.character_id == character_id, Memory.kind == kind)
+        .order_by(Memory.id)
+    ).all()
+    if any(row.text.casefold() == text.casefold() for row in rows):
+        return False
+    for row in rows[: max(0, len(rows) - MAX_FACTS + 1)]:
+        session.delete(row)
+    session.add(Memory(user_id=user_id, character_id=character_id, chat_id=chat_id, kind=kind, text=text))
+    return True
+
+
+def store_summary(session: Session, conversation_id: int, text: str, covers_until_message_id: int) -> bool:
+    """Keep the model's summary and extracted facts; False when it is empty or an earlier duplicate (a re-run)."""
+    conversation = session.get(Conversation, conversation_id)
+    if conversation is None:
+        return False  # forgotten meanwhile
+    current = latest_summary(session, conversation_id)
+    if current is not None and (current.covers_until_message_id or 0) >= covers_until_message_id:
+        return False
+    summary, found = _parse_summary(text)
+    if not summary:
+        log.warning("empty summary for conversation %s; it stays due", conversation_id)
+        return False
+    session.execute(delete(Memory).where(Memory.conversation_id == conversation_id, Memory.kind == SUMMARY))
+    session.add(
+        Memory(
+            user_id=conversation.user_id,
+            character_id=conversation.character_id,
+            conversation_id=conversation_id,
+            chat_id=conversation.chat_id,
+            kind=SUMMARY,
+            text=summary,
+            covers_until_message_id=covers_until_message_id,
+        )
+    )
+    for fact in found:
+        _add_fact(session, conversation.user_id, conversation.character_id, conversation.chat_id, EXTRACTED, fact)
+    session.flush()
+    return True
+
+
+# --- chat commands --------------------------------------------------------------------------------------------
+
+
+def remember(session: Session, conversation: Conversation, text: str) -> str:
+    """/remember TEXT: pin a fact the character keeps about the user in every chat."""
+    text = " ".join(text.split())
+    if not text:
+        return "Tell me what to remember: /remember TEXT, for example /remember I am allergic to cats."
+    if len(text) > MAX_FACT_CHARS:
+        return f"That is {len(text)} characters; a fact to remember can be at most {MAX_FACT_CHARS}."
+    if not _add_fact(session, conversation.user_id, conversation.character_id, conversation.chat_id, PINNED, text):
+        return "I already remember that."
+    return f"I will remember: {text}"
+
+
+def _numbered(session: Session, conversation: Conversation) -> list[Memory]:
+    return facts(session, conversation.user_id, conversation.character_id, conversation.chat_id)
+
+
+def forget(session: Session, conversation: Conversation, arg: str, store: FileStore | None = None) -> str:
+    """/forget N, /forget all, or /forget me (everything of the user, after /forget me confirm)."""
+    arg = arg.strip().casefold()
+    if arg == "me":
+        return (
+            "This deletes everything I have of you: your conversations with every character, memories, persona, "
+            "pictures and submissions. It cannot be undone. Send /forget me confirm to go ahead."
+        )
+    if arg == "me confirm":
+        forget_user(session, conversation.user_id, store)
+        return "Done: everything I had of you is deleted."
+    known = _numbered(session, conversation)
+    if arg == "all":
+        for row in known:
+            session.delete(row)
+        return f"Forgotten: {len(known)} facts." if known else "There was nothing to forget."
+    if arg.isdigit() and 1 <= int(arg) <= len(known):
+        row = known[int(arg) - 1]
+        session.delete(row)
+        return f"Forgotten: {row.text}"
+    return "Use /forget N (a number from /memory), /forget all (every fact), or /forget me (everything of you)."
+
+
+def persona(session: Session, user: User, arg: str) -> str:
+    """/persona TEXT sets who you are for every character; /persona shows it; /persona clear removes it."""
+    text = " ".join(arg.split())
+    if not text:
+        return f"Your persona: {user.persona}" if user.persona else "You have no persona yet: /persona TEXT sets one."
+    if text.casefold() == "clear":
+        user.persona = ""
+        return "Your persona is cleared."
+    if len(text) > MAX_PERSONA_CHARS:
+        return f"That is {len(text)} characters; a persona can be at most {MAX_PERSONA_CHARS}."
+    user.persona = text
+    return f"Your persona is now: {text}"
+
+
+def describe_memory(session: Session, conversation: Conversation) -> str:
+    """/memory: what the character remembers of the user here, numbered for /forget."""
+    user = session.get(User, conversation.user_id)
+    character = session.get(Character, conversation.character_id)
+    lines = [f"What {character.name if character else 'the character'} remembers of you:"]
+    lines.append(f"Persona: {user.persona}" if user is not None and user.persona else "Persona: none (/persona TEXT)")
+    known = _numbered(session, conversation)
+    for i, row in enumerate(known, 1):
+        lines.append(f"{i}. {row.text}" + (" (learnt)" if row.kind == EXTRACTED else ""))
+    if not known:
+        lines.append("No facts yet (/remember TEXT pins one).")
+    summary = latest_summary(session, conversation.id)
+    if summary is not None:
+        lines.append(f"The story so far: {summary.text}")
+    turns = session.scalar(select(func.count()).select_from(Message).where(Message.conversation_id == conversation.id))
+    lines.append(f"{turns} messages in this conversation; /forget N, /forget all, /reset, /forget me.")
+    return "\n".join(lines)
+
+
+# --- export and forget-me ---------------------------------------------------------------------------------
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def export_user(session: Session, user_id: int) -> dict[str, Any]:
+    """Everything memory holds of a user, as JSON-ready data: persona, conversations with their turns, memories."""
+    user = session.get(User, user_id)
+    if user is None:
+        raise LookupError(f"no user {user_id}")
+    names = dict(session.execute(select(Character.id, Character.name)).all())
+    conversations = []
+    for conv in session.scalars(select(Conversation).where(Conversation.user_id == user_id).order_by(Conversation.id)):
+        chat = session.get(Chat, conv.chat_id)
+        messages = session.scalars(select(Message).where(Message.conversation_id == conv.id).order_by(Message.id))
+        conversations.append(
+            {
+                "character": names.get(conv.character_id),
+                "chat": chat.platform_chat_id if chat else None,
+                "active": conv.active,
+                "started": _iso(conv.created_at),
+                "messages": [
+                    {"role": m.role, "text": m.text, "images": list(m.image_keys), "at": _iso(m.created_at)}
+                    for m in messages
+                ],
+            }
+        )
+    memories = session.scalars(select(Memory).where(Memory.user_id == user_id).order_by(Memory.id))
+    return {
+        "user": {
+            "platform": user.platform,
+            "id": user.platform_user_id,
+            "display_name": user.display_name,
+            "persona": user.persona,
+            "since": _iso(user.created_at),
+        },
+        "conversations": conversations,
+        "memories": [
+            {"kind": m.kind, "character": names.get(m.character_id), "text": m.text, "at": _iso(m.created_at)}
+            for m in memories
+        ],
+    }
+
+
+def _purge(session: Session, table: Table, where: ColumnElement[bool]) -> int:
+    """Delete ``table``'s rows matching ``where``: first the rows that depend on them, or unlink the SET NULL ones."""
+    for child in Base.metadata.sorted_tables:
+        for fk in child.foreign_keys:
+            if fk.column.table is not table or child is table:
+                continue
+            keys = select(fk.column).where(where)
+            if (fk.ondelete or "").upper() == "SET NULL":
+                session.execute(update(child).where(fk.parent.in_(keys)).values({fk.parent.name: None}))
+            else:
+                _purge(session, child, fk.parent.in_(keys))
+    return session.execute(delete(table).where(where)).rowcount or 0
+
+
+def _user_files(session: Session, user_id: int) -> set[str]:
+    """File-store keys of the user's pictures and submission images."""
+    keys: set[str] = set()
+    for image_keys in session.scalars(
+        select(Message.image_keys).join(Conversation).where(Conversation.user_id == user_id)
+    ):
+        keys.update(image_keys or [])
+    keys.update(
+        session.scalars(
+            select(SubmissionImage.file_key).join(CharacterSubmission).where(CharacterSubmission.user_id == user_id)
+        )
+    )
+    return keys
+
+
+def _still_used(session: Session, key: str) -> bool:
+    """Whether a file is referenced by a row that stays (another user's message, a character's image)."""
+    return any(
+        session.scalar(select(func.count()).where(condition))
+        for condition in (
+            ReferenceImage.file_key == key,
+            SubmissionImage.file_key == key,
+            Character.avatar_key == key,
+            cast(Message.image_keys, String).contains(key),
+        )
+    )
+
+
+def forget_user(session: Session, user_id: int, store: FileStore | None = None) -> dict[str, int]:
+    """Delete every row of a user in every table, and their files once the transaction commits; rows per table.
+
+    The session's objects are detached afterwards (some were deleted under them): reload what you still need.
+    """
+    session.flush()
+    files = _user_files(session, user_id)
+    private_chats = (
+        select(Conversation.chat_id)
+        .join(Chat, Chat.id == Conversation.chat_id)
+        .where(Conversation.user_id == user_id, Chat.is_group.is_(False))
+    )
+    others = select(Conversation.chat_id).where(Conversation.user_id != user_id)
+    chat_ids = set(session.scalars(private_chats.except_(others)))
+    counts = {"chats": _purge(session, Chat.__table__, Chat.id.in_(chat_ids))} if chat_ids else {}
+    counts["users"] = _purge(session, User.__table__, User.id == user_id)
+    session.expunge_all()
+    orphans = [key for key in files if not _still_used(session, key)]
+    if store is not None and orphans:
+        event.listen(session, "after_commit", lambda _s: [store.delete(k) for k in orphans], once=True)
+    log.info("forgot user %s: %s, %d files", user_id, counts, len(orphans))
+    return counts

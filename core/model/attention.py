@@ -1,0 +1,75 @@
+"""One attention switch: flash-attn on CUDA when it is installed, PyTorch SDPA otherwise.
+
+Layout is batched ``[B, H, L, D]``. Causal attention with fewer queries than keys is aligned bottom-right
+(query i sees keys ``j <= Lk - Lq + i``), as flash-attn >= 2.1 does; image blocks and denoising queries are
+non-causal. Rows of different context lengths are left-padded, so ``key_mask`` only ever hides keys.
+
+For non-causal attention GQA costs nothing: the ``G`` query heads that share a KV head are folded into the query
+length (``[B, Hkv, G*Lq, D]``), so K/V are never repeated and SDPA's flash / memory-efficient kernels apply.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:  # decided once, at import (karpathy/nanochat flash_attention.py)
+    from flash_attn import flash_attn_func as _flash_attn_func
+except ImportError:  # CPU machines and GPUs without the package
+    _flash_attn_func = None
+
+__all__ = ["attend", "HAS_FLASH_ATTN"]
+
+HAS_FLASH_ATTN = _flash_attn_func is not None
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
+    out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+    return out.transpose(1, 2)
+
+
+def _folded(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
+    # B = batch, H = query heads, Hk = kv heads, G = H // Hk, L = queries, D = head dim
+    B, H, L, D = q.shape
+    Hk = k.shape[1]
+    qf = q.reshape(B, Hk, (H // Hk) * L, D)
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(qf, k, v, attn_mask=mask).reshape(B, H, L, D)
+
+
+def _causal(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
+    Lq, Lk = q.shape[2], k.shape[2]
+    if Lq == Lk and key_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    # bottom-right alignment: query i is the (Lk - Lq + i)-th key
+    i = torch.arange(Lq, device=q.device)[:, None]
+    j = torch.arange(Lk, device=q.device)[None, :]
+    mask = (j <= i + (Lk - Lq))[None, None]
+    if key_mask is not None:
+        mask = mask & key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def _math(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
+    # Decoding: a handful of queries against a long cache is two batched GEMVs; fused kernels parallelise over
+    # query blocks and would leave most of the GPU idle here.
+    B, H, L, D = q.shape
+    Hk = k.shape[1]
+    qf = q.reshape(B, Hk, (H // Hk) * L, D)
+    scores = (qf @ k.transpose(-1, -2)).float() * D**-0.5  # [B, Hk, G*L, Lk]
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return (scores.softmax(dim=-1).to(v.dtype) @ v).reshape(B, H, L, D)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_mask: Tensor | None = None) -> Tensor:
+    """Scaled dot-product attention with GQA; ``key_mask`` ``[B, Lk]`` is True for keys a row may see."""
+    # q: [B, H, Lq, D]; k, v: [B, Hk, Lk, D]
+    if _flash_attn_func is not None and q.is_cuda and key_mask is None and q.dtype != torch.float32:
+        return _flash(q, k, v, causal)
+    if causal and q.shape[2] > 1:
+        return _causal(q, k, v, key_mask)
+    if q.shape[2] == 1:
+        return _math(q, k, v, key_mask)
+    return _folded(q, k, v, key_mask)

@@ -1,0 +1,193 @@
+"""The Qwen2 Mixture-of-Transformers decoder of BAGEL (MODEL.md 2.3, 10.2).
+
+Notable:
+- Every token-wise weight exists twice: the understanding expert (``q_proj``, ``mlp``, ``norm``, ...) and the
+  generation expert (``*_moe_gen``). Attention itself is shared: one softmax over the whole sequence.
+- A forward is either *und-only* (text, ViT blocks, decoding) or *mixed*: a generation block laid out as
+  ``[<|vision_start|>, latents..., <|vision_end|>]`` where the two markers take the understanding weights and the
+  latents the generation weights. The split is by contiguous slices, never by scatter.
+- RMSNorm and RoPE run in float32 and cast back afterwards, the official order (MODEL.md 2.3, 11.4); on a bf16
+  GPU model this matches the official code within bf16 tolerance, on an fp32 CPU model it is exact.
+- Position ids are given per token: text tokens count up, every token of an image block shares one id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from core.model.attention import attend
+from core.model.config import LLMConfig
+from core.model.kv_cache import CacheSpan, KVCache
+
+__all__ = ["RMSNorm", "Qwen2MLP", "MoTAttention", "MoTDecoderLayer", "Qwen2MoTModel", "Qwen2MoTForCausalLM", "Rope"]
+
+GEN = "_moe_gen"  # name suffix of the generation expert's weights
+
+
+class RMSNorm(nn.Module):
+    """Qwen2 RMSNorm: normalise in float32, cast back, then scale (the HF order)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Qwen2MLP(nn.Module):
+    """SiLU-gated MLP without biases."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Rope:
+    """Rotary cos/sin for given position ids, computed on the fly in float32 (no buffers to load)."""
+
+    def __init__(self, positions: Tensor, head_dim: int, theta: float) -> None:
+        # positions: [B, L] (L may be 1 when a whole block shares one id)
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+        freqs = positions.float()[..., None] * inv_freq  # [B, L, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # [B, L, 1, D]
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def apply(self, x: Tensor) -> Tensor:
+        """Rotate-half RoPE on ``x`` ``[B, L, H, D]`` (float32)."""
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * self.cos + torch.cat([-x2, x1], dim=-1) * self.sin
+
+
+def _split(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mixed layout ``[marker, latents, marker]`` -> (the two markers, the latents)."""
+    return torch.cat([x[:, :1], x[:, -1:]], dim=1), x[:, 1:-1]
+
+
+def _merge(und: Tensor, gen: Tensor) -> Tensor:
+    return torch.cat([und[:, :1], gen, und[:, 1:]], dim=1)
+
+
+def _route(x: Tensor, und: Callable[[Tensor], Tensor], gen: Callable[[Tensor], Tensor], mixed: bool) -> Tensor:
+    """Apply the token-wise function of each token's expert."""
+    if not mixed:
+        return und(x)
+    u, g = _split(x)
+    return _merge(und(u), gen(g))
+
+
+class MoTAttention(nn.Module):
+    """Shared attention with per-expert Q/K/V/O projections and Q/K norms."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        for sfx in ("", GEN):
+            setattr(self, f"q_proj{sfx}", nn.Linear(cfg.hidden_size, q_dim, bias=True))
+            setattr(self, f"k_proj{sfx}", nn.Linear(cfg.hidden_size, kv_dim, bias=True))
+            setattr(self, f"v_proj{sfx}", nn.Linear(cfg.hidden_size, kv_dim, bias=True))
+            setattr(self, f"o_proj{sfx}", nn.Linear(q_dim, cfg.hidden_size, bias=False))
+            setattr(self, f"q_norm{sfx}", RMSNorm(self.head_dim, cfg.rms_norm_eps))
+            setattr(self, f"k_norm{sfx}", RMSNorm(self.head_dim, cfg.rms_norm_eps))
+
+    def _qk(self, sfx: str) -> Callable[[Tensor], Tensor]:
+        """One expert's Q and K, normed in float32, packed as ``[B, L, H + Hk, D]`` so one route serves both."""
+
+        def project(h: Tensor) -> Tensor:
+            B, L, _ = h.shape
+            q = getattr(self, f"q_proj{sfx}")(h).view(B, L, self.num_heads, self.head_dim).float()
+            k = getattr(self, f"k_proj{sfx}")(h).view(B, L, self.num_kv_heads, self.head_dim).float()
+            return torch.cat([getattr(self, f"q_norm{sfx}")(q), getattr(self, f"k_norm{sfx}")(k)], dim=2)
+
+        return project
+
+    def forward(
+        self, h: Tensor, rope: Rope, cache: KVCache | None, layer: int, span: CacheSpan | None,
+        causal: bool, mixed: bool,
+    ) -> Tensor:
+        # h: [B, L, C] (already normed by the layer); returns the attention output before o_proj routing
+        B, L, _ = h.shape
+        qk = rope.apply(_route(h, self._qk(""), self._qk(GEN), mixed)).to(h.dtype)  # [B, L, H + Hk, D]
+        q, k = qk.transpose(1, 2).split([self.num_heads, self.num_kv_heads], dim=1)  # [B, heads, L, D]
+        v = _route(h, self.v_proj, self.v_proj_moe_gen, mixed).view(B, L, self.num_kv_heads, self.head_dim)
+        v = v.transpose(1, 2)
+        key_mask = None
+        if cache is not None:
+            k, v = cache.update(layer, span, k, v)
+            key_mask = span.key_mask
+        out = attend(q, k, v, causal=causal, key_mask=key_mask)
+        return out.transpose(1, 2).reshape(B, L, -1)
+
+
+class MoTDecoderLayer(nn.Module):
+    """Pre-norm block; norms, attention projections and MLP are per expert."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.self_attn = MoTAttention(cfg)
+        self.mlp, self.mlp_moe_gen = Qwen2MLP(cfg), Qwen2MLP(cfg)
+        for sfx in ("", GEN):
+            setattr(self, f"input_layernorm{sfx}", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+            setattr(self, f"post_attention_layernorm{sfx}", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+
+    def forward(
+        self, x: Tensor, rope: Rope, cache: KVCache | None, layer: int, span: CacheSpan | None,
+        causal: bool, mixed: bool,
+    ) -> Tensor:
+        h = _route(x, self.input_layernorm, self.input_layernorm_moe_gen, mixed)
+        a = self.self_attn(h, rope, cache, layer, span, causal, mixed)
+        x = x + _route(a, self.self_attn.o_proj, self.self_attn.o_proj_moe_gen, mixed)
+        return x + _route(
+            x,
+            lambda t: self.mlp(self.post_attention_layernorm(t)),
+            lambda t: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(t)),
+            mixed,
+        )
+
+
+class Qwen2MoTModel(nn.Module):
+    """Embedding table, decoder layers and the two final norms."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(MoTDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self, x: Tensor, positions: Tensor, *, cache: KVCache | None = None, span: CacheSpan | None = None,
+        causal: bool, mixed: bool = False,
+    ) -> Tensor:
+        """Hidden states ``[B, L, C]`` before the final norm; ``positions`` ``[B, L]`` or ``[B, 1]``."""
+        rope = Rope(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, cache, i, span, causal, mixed)
+        return x
+
+
+class Qwen2MoTForCausalLM(nn.Module):
+    """The decoder plus ``lm_head`` (applied to understanding-normed states only)."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.model = Qwen2MoTModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Vocabulary logits of und-expert hidden states (float32 for sampling)."""
+        return self.lm_head(self.model.norm(hidden)).float()

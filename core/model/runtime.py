@@ -1,0 +1,447 @@
+"""UniCharacter on BAGEL-7B-MoT: the engine behind :class:`core.model.api.CharacterModel`.
+
+Notable:
+- A context is turned into *blocks* (MODEL.md 6, 7): consecutive text segments become one causal und-expert
+  prefill of ``<|im_start|> text <|im_end|>`` runs; an image becomes a VAE block (clean latents at t = 0, mixed
+  experts) and/or a ViT block (und expert), each framed by the vision markers, non-causal, on one rope id.
+- Text decoding uses a persistent static KV cache and a step of fixed shapes (device-side write index, rope id
+  and key mask), so it can run under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) when asked. The
+  loop makes one host read per token, the stop check, which also feeds streaming.
+- Image generation prefills each CFG context into its own cache row, left-padded so that every row's latent
+  query sits at the same slice; a denoising step is one forward over all active rows. Outside the CFG interval
+  (tested on the shifted t) only the conditional row runs. The schedule's host copy drives those decisions,
+  so the loop has no host sync at all.
+- Randomness comes from one ``torch.Generator`` per request, seeded from the request.
+- Requests are serialised by a lock; adapters (core.model.lora) are kept in a small LRU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from core.model import lora
+from core.model.api import ImageContexts, ImageParams, ImageSegment, OnProgress, OnText, Segment, TextParams, TextSegment
+from core.model.bagel import Bagel, init_random_
+from core.model.checkpoint import load_bagel, load_vae
+from core.model.config import BagelConfig, from_checkpoint_dir, full_size_config
+from core.model.flow import cfg_combine, euler_step, guidance_active, timestep_schedule
+from core.model.kv_cache import CacheSpan, KVCache
+from core.model.sampling import mask_padding_rows, sample_next
+from core.model.tokenizer import BagelTokenizer, load_tokenizer
+from core.model.transforms import (
+    LATENT_MAX_PATCHES_PER_SIDE,
+    VAE_TRANSFORM,
+    VIT_MAX_PATCHES_PER_SIDE,
+    VIT_TRANSFORM,
+    flattened_position_ids,
+    patchify,
+    to_rgb,
+    unpatchify,
+)
+from core.model.vae import AutoEncoder, AutoEncoderParams, to_pil_image
+
+__all__ = ["UniCharacterRuntime", "resolve_device", "resolve_dtype"]
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_LRU_SIZE = 8
+DEFAULT_MAX_CONTEXT = 8192
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on a GPU and float32 on the CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"unsupported dtype {dtype!r}")
+    return getattr(torch, dtype)
+
+
+@dataclass(frozen=True, slots=True)
+class _TextBlock:
+    ids: list[int]
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True, slots=True)
+class _ImageBlock:
+    """A ViT (``vit=True``) or clean-VAE block: tokens, their 2D table positions, and the markers around them."""
+
+    tokens: Tensor  # [N, patch values]
+    position_ids: Tensor  # [N]
+    vit: bool
+
+    @property
+    def length(self) -> int:
+        return self.tokens.shape[0] + 2
+
+
+_Block = _TextBlock | _ImageBlock
+
+
+@dataclass(frozen=True, slots=True)
+class _Prefilled:
+    """A context written into one cache row: where its keys start and the next rope id."""
+
+    start: int
+    rope: int
+
+
+class UniCharacterRuntime:
+    """Loads a BAGEL folder (plus optional UniCharacter checkpoint) and serves text and images from it."""
+
+    def __init__(
+        self, model: Bagel, vae: AutoEncoder, tokenizer: BagelTokenizer, *,
+        model_dir: Path | None = None, max_context: int = DEFAULT_MAX_CONTEXT, compile_decode: bool = False,
+    ) -> None:
+        self.model, self.vae, self.tokenizer = model, vae, tokenizer
+        self.cfg: BagelConfig = model.cfg
+        self.device, self.dtype = model.vae2llm.weight.device, model.dtype
+        self.model_dir = model_dir
+        self._lock = threading.Lock()
+        self._adapters: OrderedDict[str, lora.Adapter] = OrderedDict()
+        self._lora_attached = False
+        self._text_cache = self._new_cache(rows=1, capacity=max_context)
+        self._step = torch.compile(self._decode_step, mode="reduce-overhead") if compile_decode else self._decode_step
+        if compile_decode:
+            for t in (self._text_cache.k, self._text_cache.v):
+                torch._dynamo.mark_static_address(t)
+
+    # --- construction -------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls, model_dir: str | Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+        checkpoint: str | Path | None = None, vit_checkpoint: str | Path | None = None, **options: object,
+    ) -> UniCharacterRuntime:
+        """Load an official-layout folder; ``checkpoint`` is a UniCharacter SFT or GRPO file (MODEL.md 8.4)."""
+        model_dir = Path(model_dir)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        cfg = from_checkpoint_dir(model_dir)
+        tokenizer = load_tokenizer(model_dir)
+        model = load_bagel(
+            cfg, model_dir, device=dev, dtype=dt,
+            checkpoint=Path(checkpoint) if checkpoint else None,
+            vit_checkpoint=Path(vit_checkpoint) if vit_checkpoint else None,
+        )
+        if tokenizer.size > cfg.llm.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.size} tokens but the embedding only {cfg.llm.vocab_size} rows")
+        vae = load_vae(model_dir / "ae.safetensors", device=dev)
+        logger.info("loaded %s on %s as %s", model_dir, dev, dt)
+        return cls(model, vae, tokenizer, model_dir=model_dir, **options)
+
+    @classmethod
+    def random(
+        cls, cfg: BagelConfig | None = None, *, device: str | torch.device = "auto",
+        dtype: str | torch.dtype = "auto", seed: int = 0, tokenizer: BagelTokenizer | None = None, **options: object,
+    ) -> UniCharacterRuntime:
+        """Random weights of ``cfg`` (default: full size) built directly on ``device``: for benchmarks, no files."""
+        from core.model.tiny import random_vae, tiny_tokenizer  # only the benchmark path needs the local tokenizer
+
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        cfg = cfg or full_size_config()
+        with torch.device("meta"):
+            model = Bagel(cfg)
+        model = init_random_(model.to(dt).to_empty(device=dev), seed=seed).requires_grad_(False).eval()
+        vae = random_vae(AutoEncoderParams(z_channels=cfg.latent_channels), seed=seed, device=dev)
+        return cls(model, vae, tokenizer or tiny_tokenizer(), **options)
+
+    def _new_cache(self, rows: int, capacity: int) -> KVCache:
+        c = self.cfg.llm
+        return KVCache(c.num_hidden_layers, rows, c.num_key_value_heads, capacity, c.head_dim, self.dtype, self.device)
+
+    # --- contexts -----------------------------------------------------------------------------------------
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.segment(text))
+
+    def _blocks(self, context: Sequence[Segment], generator: torch.Generator, latents: dict[int, Tensor]) -> list[_Block]:
+        """Blocks of a context; consecutive texts merge into one causal prefill (same result, fewer passes)."""
+        blocks: list[_Block] = []
+        for seg in context:
+            if isinstance(seg, TextSegment):
+                ids = self.tokenizer.segment(seg.text)
+                if blocks and isinstance(blocks[-1], _TextBlock):
+                    blocks[-1] = _TextBlock(blocks[-1].ids + ids)
+                else:
+                    blocks.append(_TextBlock(ids))
+            elif isinstance(seg, ImageSegment):
+                if not (seg.vit or seg.vae):
+                    raise ValueError("an image segment must go through the ViT, the VAE or both")
+                # The official inferencer applies the VAE resize to every input image first (MODEL.md 11.5).
+                image = VAE_TRANSFORM.resize(to_rgb(seg.image))
+                if seg.vae:
+                    if id(seg.image) not in latents:
+                        latents[id(seg.image)] = self._encode(image, generator)
+                    blocks.append(self._vae_block(latents[id(seg.image)]))
+                if seg.vit:
+                    blocks.append(self._vit_block(image))
+            else:
+                raise TypeError(f"unknown context segment {type(seg).__name__}")
+        return blocks
+
+    def _vit_block(self, image: Image.Image) -> _ImageBlock:
+        pixels = VIT_TRANSFORM(image)  # [3, H, W]
+        p = self.cfg.vit.patch_size
+        grid_h, grid_w = pixels.shape[1] // p, pixels.shape[2] // p
+        pos = flattened_position_ids(grid_h, grid_w, VIT_MAX_PATCHES_PER_SIDE)
+        return _ImageBlock(patchify(pixels, p).to(self.device), pos.to(self.device), vit=True)
+
+    def _encode(self, image: Image.Image, generator: torch.Generator) -> Tensor:
+        """One posterior sample ``[z, H/8, W/8]``; memoised per request so every CFG context sees the same latents,
+        as in the official inferencer, which copies the context after encoding."""
+        return self.vae.encode(VAE_TRANSFORM(image).to(self.device)[None], generator=generator)[0]
+
+    def _vae_block(self, z: Tensor) -> _ImageBlock:
+        p = self.cfg.latent_patch_size
+        grid_h, grid_w = z.shape[1] // p, z.shape[2] // p
+        pos = flattened_position_ids(grid_h, grid_w, LATENT_MAX_PATCHES_PER_SIDE)
+        return _ImageBlock(patchify(z.float(), p), pos.to(self.device), vit=False)
+
+    def _markers(self) -> tuple[Tensor, Tensor]:
+        s = self.tokenizer.special
+        ids = torch.tensor([s.vision_start, s.vision_end], device=self.device)
+        e = self.model.embed_text(ids)
+        return e[None, :1], e[None, 1:]  # [1, 1, C] each
+
+    def _embed(self, block: _Block) -> Tensor:
+        """The block's input embeddings ``[1, L, C]``."""
+        if isinstance(block, _TextBlock):
+            return self.model.embed_text(torch.tensor([block.ids], device=self.device))
+        n = block.tokens.shape[0]
+        if block.vit:
+            cu = torch.tensor([0, n], device=self.device, dtype=torch.int32)
+            body = self.model.embed_vit(block.tokens, cu, block.position_ids, n)[None]
+        else:
+            t0 = torch.zeros(1, device=self.device)  # a clean context image is at t = 0
+            body = self.model.embed_latents(block.tokens[None], t0, block.position_ids)
+        start, end = self._markers()
+        return torch.cat([start, body, end], dim=1)
+
+    def _prefill(self, blocks: list[_Block], cache: KVCache, row: int, offset: int) -> _Prefilled:
+        """Write a context into ``cache`` row ``row`` from position ``offset``; returns where it starts and its rope."""
+        pos, rope = offset, 0
+        for block in blocks:
+            x = self._embed(block)
+            L = x.shape[1]
+            text = isinstance(block, _TextBlock)
+            # text tokens count up; every token of an image block shares one rope id, which then advances by 1
+            positions = torch.arange(rope, rope + L, device=self.device)[None] if text else \
+                torch.full((1, 1), rope, device=self.device)
+            span = CacheSpan(rows=slice(row, row + 1), start=offset, write=pos, end=pos + L)
+            mixed = not text and not block.vit
+            self.model.language_model.model(x, positions, cache=cache, span=span, causal=text, mixed=mixed)
+            pos, rope = pos + L, rope + (L if text else 1)
+        return _Prefilled(start=offset, rope=rope)
+
+    # --- adapters -----------------------------------------------------------------------------------------
+
+    def _adapter(self, path: str | None) -> lora.Adapter | None:
+        """The loaded adapter for ``path`` (LRU; a replaced file is noticed by its modification time)."""
+        if path is None:
+            return None
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"adapter file {path} does not exist")
+        cached = self._adapters.get(str(p))
+        if cached is not None and cached.id == f"{p.name}@{p.stat().st_mtime_ns}":
+            self._adapters.move_to_end(str(p))
+            return cached
+        base = lora.base_model_hash(self.model_dir) if self.model_dir is not None else None
+        adapter = lora.load_adapter(p, device=self.device, dtype=self.dtype, base_model_hash=base)
+        if not self._lora_attached:
+            lora.attach_lora(self.model, rank=None)  # serving wrappers: no factors until one is activated
+            self._lora_attached = True
+        self._adapters[str(p)] = adapter
+        self._adapters.move_to_end(str(p))
+        while len(self._adapters) > ADAPTER_LRU_SIZE:
+            self._adapters.popitem(last=False)
+        return adapter
+
+    # --- text ---------------------------------------------------------------------------------------------
+
+    def _decode_step(self, token: Tensor, rope: Tensor, write: Tensor, key_mask: Tensor) -> Tensor:
+        """Logits after one token; every shape is fixed, so the step can be captured as a CUDA graph."""
+        cache = self._text_cache
+        span = CacheSpan(rows=slice(0, 1), start=0, write=write, end=cache.capacity, key_mask=key_mask)
+        hidden = self.model.language_model.model(
+            self.model.embed_text(token), rope, cache=cache, span=span, causal=True
+        )
+        return self.model.language_model.logits(hidden[:, -1]).clone()
+
+    def generate_text(
+        self, context: Sequence[Segment], params: TextParams, on_text: OnText | None = None, adapter: str | None = None,
+    ) -> str:
+        """Decode after ``context`` until ``<|im_end|>`` or ``max_new_tokens``; ``on_text`` gets each new piece."""
+        if params.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        if params.temperature < 0 or not 0 < params.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        with self._lock, torch.inference_mode():
+            with lora.using_adapter(self.model, self._adapter(adapter)):
+                return self._generate_text(context, params, on_text)
+
+    def _generate_text(self, context: Sequence[Segment], params: TextParams, on_text: OnText | None) -> str:
+        gen = self._generator(params.seed)
+        blocks = self._blocks(context, gen, {})
+        length = sum(b.length for b in blocks)
+        need = length + 1 + params.max_new_tokens
+        if need > self._text_cache.capacity:
+            if self._step is not self._decode_step:
+                raise ValueError(f"context needs {need} cache positions, more than the {self._text_cache.capacity} set")
+            self._text_cache = self._new_cache(rows=1, capacity=need)
+        done = self._prefill(blocks, self._text_cache, row=0, offset=0)
+        eos = self.tokenizer.special.eos
+        # decoding starts by feeding <|im_start|> (the official prepare_start_tokens)
+        token = torch.tensor([[self.tokenizer.special.bos]], device=self.device)
+        rope = torch.tensor([[done.rope]], device=self.device)
+        write = torch.tensor([length], device=self.device)
+        key_mask = torch.zeros(1, self._text_cache.capacity, dtype=torch.bool, device=self.device)
+        key_mask[:, :length] = True
+        ids: list[int] = []
+        streamed = ""
+        for _ in range(params.max_new_tokens):
+            key_mask.index_fill_(1, write, True)
+            logits = mask_padding_rows(self._step(token, rope, write, key_mask), self.tokenizer.size)
+            nxt = sample_next(logits, temperature=params.temperature, top_p=params.top_p, generator=gen)
+            token_id = int(nxt)  # the one host sync per token: the stop check, which also feeds streaming
+            if token_id == eos:
+                break
+            ids.append(token_id)
+            token, rope, write = nxt.view(1, 1), rope + 1, write + 1
+            text = self.tokenizer.decode(ids)
+            if on_text is not None and not text.endswith("\ufffd") and text.startswith(streamed) and text != streamed:
+                on_text(text[len(streamed):])
+                streamed = text
+        final = self.tokenizer.decode(ids)
+        if not final.startswith(streamed):  # a merge changed earlier text: keep what the caller already saw
+            return streamed
+        if on_text is not None and final != streamed:
+            on_text(final[len(streamed):])
+        return final
+
+    # --- images -------------------------------------------------------------------------------------------
+
+    def generate_image(
+        self, contexts: ImageContexts, params: ImageParams, on_progress: OnProgress | None = None,
+        adapter: str | None = None,
+    ) -> Image.Image:
+        """Text-to-image (or editing) with the flow-matching Euler sampler and CFG (MODEL.md 5)."""
+        self._check_image_params(params)
+        with self._lock, torch.inference_mode():
+            with lora.using_adapter(self.model, self._adapter(adapter)):
+                return self._generate_image(contexts, params, on_progress)
+
+    def _check_image_params(self, params: ImageParams) -> None:
+        most = self.cfg.max_latent_size * self.cfg.latent_downsample
+        for side in (params.width, params.height):
+            if not 1 <= side <= most:
+                raise ValueError(f"image sides must be between 1 and {most} pixels, got {params.width}x{params.height}")
+        if params.num_timesteps < 2:
+            raise ValueError("num_timesteps must be at least 2")
+        if params.timestep_shift <= 0 or params.cfg_text_scale < 0 or params.cfg_img_scale < 0:
+            raise ValueError("timestep_shift must be positive and CFG scales non-negative")
+        low, high = params.cfg_interval
+        if not 0 <= low <= high <= 1:
+            raise ValueError(f"cfg_interval must satisfy 0 <= low <= high <= 1, got {params.cfg_interval}")
+
+    def _branches(self, contexts: ImageContexts, params: ImageParams) -> list[Sequence[Segment]]:
+        """The contexts that need their own pass: cond, then text-uncond and image-uncond when guidance uses them."""
+        branches = [contexts.cond]
+        if params.cfg_text_scale > 1.0:
+            branches.append(contexts.text_uncond)
+            if params.cfg_img_scale > 1.0 and contexts.image_uncond is not None:
+                branches.append(contexts.image_uncond)
+        return branches
+
+    def _generate_image(self, contexts: ImageContexts, params: ImageParams, on_progress: OnProgress | None) -> Image.Image:
+        gen = self._generator(params.seed)
+        step = self.cfg.latent_downsample
+        # the model works in multiples of 16 pixels; other sizes are generated just above and resized
+        height, width = -(-params.height // step) * step, -(-params.width // step) * step
+        grid_h, grid_w = height // step, width // step
+        latents: dict[int, Tensor] = {}
+        plans = [self._blocks(ctx, gen, latents) for ctx in self._branches(contexts, params)]
+        lengths = [sum(b.length for b in blocks) for blocks in plans]
+        P, Q = max(lengths), grid_h * grid_w + 2
+        cache = self._new_cache(rows=len(plans), capacity=P + Q)
+        ropes = [self._prefill(blocks, cache, row, P - n).rope for row, (blocks, n) in enumerate(zip(plans, lengths))]
+        x = self._denoise(cache, lengths, ropes, grid_h, grid_w, params, gen, on_progress)
+        z = unpatchify(x[0], grid_h, grid_w, self.cfg.latent_patch_size)  # [z, 2h, 2w]
+        image = to_pil_image(self.vae.decode(z[None])[0])
+        if image.size != (params.width, params.height):
+            image = image.resize((params.width, params.height), Image.Resampling.BICUBIC)
+        return image
+
+    def _denoise(
+        self, cache: KVCache, lengths: list[int], ropes: list[int], grid_h: int, grid_w: int,
+        params: ImageParams, gen: torch.Generator, on_progress: OnProgress | None,
+    ) -> Tensor:
+        """The Euler loop over the shifted schedule; returns the final latent tokens ``[1, N, p*p*z]`` (float32)."""
+        rows, P = len(lengths), max(lengths)
+        Q = grid_h * grid_w + 2
+        pos_ids = flattened_position_ids(grid_h, grid_w, LATENT_MAX_PATCHES_PER_SIDE).to(self.device)
+        x = torch.randn(1, grid_h * grid_w, self.cfg.patch_latent_dim, generator=gen, device=self.device)
+        ts = timestep_schedule(params.num_timesteps, params.timestep_shift)
+        ts_host, ts_dev = ts.tolist(), ts.to(self.device)  # host copy for decisions, device copy for arithmetic
+        rope = torch.tensor(ropes, device=self.device)[:, None]  # [rows, 1]: each branch's own rope id
+        # left padding: row r's keys start at P - lengths[r]; a mask is needed only if rows differ
+        mask = None
+        if len(set(lengths)) > 1:
+            starts = torch.tensor([P - n for n in lengths], device=self.device)[:, None]
+            mask = torch.arange(P + Q, device=self.device)[None] >= starts
+        spans = {
+            1: CacheSpan(rows=slice(0, 1), start=P - lengths[0], write=P, end=P + Q),
+            rows: CacheSpan(rows=slice(0, rows), start=0, write=P, end=P + Q, key_mask=mask),
+        }
+        start_marker, end_marker = self._markers()
+        total = params.num_timesteps - 1
+        for i in range(total):
+            active = rows if guidance_active(ts_host[i], params.cfg_interval) else 1
+            lat = self.model.embed_latents(x, ts_dev[i : i + 1], pos_ids)  # [1, N, C]
+            query = torch.cat([start_marker, lat, end_marker], dim=1).expand(active, -1, -1)
+            hidden = self.model.language_model.model(
+                query, rope[:active], cache=cache, span=spans[active], causal=False, mixed=True
+            )
+            v = self.model.velocity(hidden[:, 1:-1])  # [active, N, p*p*z]
+            if active > 1:
+                v = cfg_combine(
+                    v[:1], v[1:2], v[2:3] if rows > 2 else v[:1], params.cfg_text_scale, params.cfg_img_scale,
+                    params.cfg_renorm_type, params.cfg_renorm_min,
+                )
+            x = euler_step(x, v, ts_dev[i], ts_dev[i + 1])
+            if on_progress is not None:
+                on_progress(i + 1, total)
+        return x
+
+    # --- misc ---------------------------------------------------------------------------------------------
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        """A per-request generator on the model's device; without a seed, a fresh one from the OS."""
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") >> 1
+        return torch.Generator(device=self.device).manual_seed(seed)

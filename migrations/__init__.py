@@ -1,0 +1,1 @@
+"""Alembic migrations of the SQL store (one revision per schema change); run through core.db.migrate."""

@@ -1,0 +1,125 @@
+"""``unichar chat`` end to end: lines in, through ChatService -> Redis -> the Celery worker -> SQL, replies out."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from sqlalchemy import select
+
+from bots.console import ConsoleFrontend, run_console
+from core.chat import JobQueued
+from core.db.models import Character, Job, Message
+from core.jobs import Done, JobKind, JobState, Progress, TextDelta
+from core.streams import publish
+from tests.conftest import STREAM_DB, count_rows, redis_db
+from tests.doubles import EchoModel
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def console(live: Any, tmp_path: Path) -> ConsoleFrontend:
+    """A console frontend on the live path, writing to a string, with one character to talk to."""
+    with live.sessionmaker.begin() as session:
+        session.add(Character(name="Alice", description="A cheerful sailor.", greeting="Ahoy!"))
+        session.add(Character(name="Bob", description="A grumpy cook."))
+    return ConsoleFrontend(
+        service=live.service,
+        redis=live.ctx.redis,
+        store=live.ctx.store,
+        image_dir=tmp_path / "images",
+        out=io.StringIO(),
+        idle_timeout_s=60,
+    )
+
+
+def _output(console: ConsoleFrontend) -> str:
+    return console.out.getvalue()  # type: ignore[attr-defined]
+
+
+def test_a_conversation_streams_replies_and_stores_them(console: ConsoleFrontend, live: Any) -> None:
+    script = "/characters\n/use Alice\nhello there\n\n/help\n/quit\nnever read\n"
+    assert console.run(io.StringIO(script)) == 0
+    out = _output(console)
+    assert "- Alice" in out and "- Bob" in out
+    assert "You are now talking with Alice." in out and "Ahoy!" in out
+    assert "Alice: echo: hello there\n" in out
+    assert "/imagine" in out  # the help text
+    assert "never read" not in out
+    with live.sessionmaker() as session:
+        turns = session.execute(select(Message.role, Message.text).order_by(Message.id)).all()
+        job = session.scalars(select(Job)).one()
+    assert [tuple(t) for t in turns] == [
+        ("character", "Ahoy!"),
+        ("user", "hello there"),
+        ("character", "echo: hello there"),
+    ]
+    assert job.state is JobState.DONE and job.kind is JobKind.CHAT
+
+
+def test_imagine_shows_progress_and_saves_the_image(console: ConsoleFrontend, live: Any, tmp_path: Path) -> None:
+    live.use_model(EchoModel())
+    outcome = console.send("/imagine a red boat at dusk")
+    assert isinstance(outcome, JobQueued) and outcome.kind is JobKind.IMAGE
+    out = _output(console)
+    assert "[image 0%]" in out and "[image 100%]" in out
+    assert "s left]" in out  # an ETA while it runs
+    saved = [line.split(": ", 1)[1].rstrip("]") for line in out.splitlines() if line.startswith("[image saved: ")]
+    assert len(saved) == 1
+    path = Path(saved[0])
+    assert path.parent == (tmp_path / "images").resolve()
+    with Image.open(path) as image:
+        image.verify()
+
+
+def test_reset_starts_over(console: ConsoleFrontend) -> None:
+    console.run(io.StringIO("/use Alice\nfirst\n/reset\n"))
+    assert "Your conversation with Alice starts over." in _output(console)
+
+
+def test_bad_input_gets_a_clear_answer_and_stores_nothing(console: ConsoleFrontend, live: Any) -> None:
+    console.run(io.StringIO("/use Nobody\n/bogus\n/imagine\n" + "x" * 100_000 + "\n"))
+    out = _output(console)
+    assert "! There is no character called 'Nobody'." in out
+    assert "! Unknown command /bogus." in out
+    assert "! Tell me what to draw" in out
+    assert "! Your message is 100,000 characters long" in out
+    assert count_rows(live.sessionmaker, Message, Job) == {"messages": 0, "jobs": 0}
+
+
+def test_a_failing_model_is_reported(console: ConsoleFrontend, live: Any) -> None:
+    live.use_model(EchoModel(fail=True))
+    console.run(io.StringIO("/use Bob\nhi\n"))
+    assert "! Sorry, something went wrong. Please try again." in _output(console)
+    with live.sessionmaker() as session:
+        assert session.scalars(select(Job.state)).one() is JobState.FAILED
+
+
+def test_queue_position_is_shown(console: ConsoleFrontend) -> None:
+    """Events of a job still waiting: the console says how many are ahead, then renders the reply."""
+    job_id = 987_654
+    for event in (Progress(stage="queued", position=3), Progress(stage="queued", position=1), TextDelta("hi"), Done(1)):
+        publish(console.redis, job_id, event)
+    console.follow(JobQueued(job_id, JobKind.CHAT, position=4, character="Alice"))
+    out = _output(console)
+    assert out.index("[3 ahead of you in the queue]") < out.index("[2 ahead") < out.index("[0 ahead") < out.index("hi")
+
+
+def test_end_of_input_ends_the_loop(console: ConsoleFrontend) -> None:
+    assert console.run(io.StringIO("")) == 0
+
+
+def test_run_console_connects_from_settings(live: Any, redis_url: str, tmp_path: Path) -> None:
+    """The ``unichar chat`` entry point: its own engine, Redis client and dispatch, from the settings alone."""
+    with live.sessionmaker.begin() as session:
+        session.add(Character(name="Alice"))
+    # the worker publishes events on the run's stream database; the broker is the app's (configured by the fixture)
+    settings = live.settings.model_copy(update={"redis_url": redis_db(redis_url, STREAM_DB)})
+    out = io.StringIO()
+    assert run_console(settings, user="tester", lines=io.StringIO("ahoy\n"), out=out) == 0
+    assert "Talking as console:tester" in out.getvalue()
+    assert "Alice: echo: ahoy\n" in out.getvalue()

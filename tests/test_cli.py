@@ -1,0 +1,106 @@
+"""The ``unichar`` command: clear errors for bad arguments and configuration, logging set up once, migrations."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from core.config import Settings
+from unichar import cli
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No UNICHAR_ variable of the caller's leaks in; the data folder is the test's own."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("UNICHAR_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("UNICHAR_DATA_DIR", str(tmp_path / "var"))
+    monkeypatch.chdir(tmp_path)  # no stray .env is read
+
+
+def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    assert "worker" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "required"),
+        (["nonsense"], "invalid choice"),
+        (["worker"], "--queues"),
+        (["worker", "--queues", "chat,gpu"], "subset of chat,image,train"),
+        (["worker", "--queues", ","], "subset of chat,image,train"),
+        (["worker", "--queues", "chat", "--threads", "0"], "at least 1"),
+        (["worker", "--queues", "chat", "--threads", "two"], "at least 1"),
+        (["db"], "required"),
+        (["db", "downgrade"], "revision"),
+        (["bot", "irc"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_with_the_reason(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_settings_are_one_readable_message(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("UNICHAR_MAX_ATTEMPTS", "many")
+    monkeypatch.setenv("UNICHAR_ADMIN_IDS", "telegram:1,nobody")
+    assert cli.main(["db", "upgrade"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unichar: invalid configuration:")
+    assert "UNICHAR_MAX_ATTEMPTS" in err and "'many'" in err
+    assert "UNICHAR_ADMIN_IDS" in err and "platform:user_id" in err
+    assert "Traceback" not in err
+
+
+def test_bad_log_level_is_reported(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("UNICHAR_LOG_LEVEL", "loud")
+    assert cli.main(["db", "upgrade"]) == 2
+    assert "UNICHAR_LOG_LEVEL" in capsys.readouterr().err
+
+
+def test_a_bot_without_its_token_is_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("UNICHAR_TELEGRAM_TOKEN", "")
+    assert cli.main(["bot", "telegram"]) == 2
+    assert "UNICHAR_TELEGRAM_TOKEN is not set" in capsys.readouterr().err
+
+
+def test_db_upgrade_then_downgrade_on_a_fresh_sqlite_file(tmp_path: Path) -> None:
+    database = tmp_path / "var" / "unichar.db"
+    assert cli.main(["db", "upgrade"]) == 0
+    with sqlite3.connect(database) as connection:
+        tables = {row[0] for row in connection.execute("select name from sqlite_master where type='table'")}
+    assert {"users", "jobs", "messages"} <= tables
+    assert cli.main(["db", "downgrade", "base"]) == 0
+    with sqlite3.connect(database) as connection:
+        tables = {row[0] for row in connection.execute("select name from sqlite_master where type='table'")}
+    assert "jobs" not in tables
+
+
+def test_tokens_never_reach_the_log(capsys: pytest.CaptureFixture[str]) -> None:
+    token = "123456:very-secret-token"
+    cli.configure_logging(Settings(telegram_token=token, log_level="DEBUG"))
+    logging.getLogger("unichar.test").info("GET https://api.telegram.org/bot%s/getMe", token)
+    logging.getLogger("unichar.test").info("plain %s line", "formatted")
+    err = capsys.readouterr().err
+    assert token not in err
+    assert "bot***/getMe" in err and "plain formatted line" in err
+    assert logging.getLogger("httpx").level == logging.WARNING
+    assert logging.getLogger().level == logging.DEBUG
+
+
+def test_settings_error_hides_secret_input() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as caught:
+        Settings(discord_token=["not", "a", "string"], max_attempts=0)  # type: ignore[arg-type]
+    message = cli.describe_settings_error(caught.value)
+    assert "UNICHAR_DISCORD_TOKEN" in message and "UNICHAR_MAX_ATTEMPTS" in message
+    assert "not" not in message.split("UNICHAR_DISCORD_TOKEN", 1)[1].split("\n", 1)[0]

@@ -1,0 +1,196 @@
+"""A job's life in the worker: claim it, watch it while the model runs, then complete or fail it exactly once.
+
+Delivery is at-least-once, effects are exactly-once. ``claim`` moves the row to running with one conditional
+UPDATE that also counts the attempt, so two deliveries racing for a queued job produce one winner. A running job
+is taken over only by a redelivery (its worker died: Redis re-sent the unacknowledged message) or once it has run
+past its timeout. ``complete`` writes the reply and marks the job done in one transaction guarded by the attempt
+number, so an attempt that was overtaken writes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select, update
+
+from core.db import repositories as repo
+from core.db.models import Conversation, Job, utcnow
+from core.jobs import TERMINAL_STATES, Done, Failed, JobEvent, JobKind, JobState, Progress
+from core.streams import publish
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from workers.context import WorkerContext
+
+__all__ = ["Claim", "Stop", "Superseded", "Cancelled", "TimedOut", "Watch", "claim", "complete", "fail", "emit"]
+
+logger = logging.getLogger(__name__)
+
+
+class Stop(Exception):
+    """Raised from a model callback to stop the work; the subclass says why."""
+
+
+class Superseded(Stop):
+    """Another attempt owns the job now; this one must write nothing."""
+
+
+class Cancelled(Stop):
+    """The user cancelled the job."""
+
+
+class TimedOut(Stop):
+    """The job ran past its time limit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A job this worker thread now runs, as plain data (no ORM object crosses threads)."""
+
+    job_id: int
+    kind: JobKind
+    attempt: int
+    user_id: int | None
+    conversation_id: int | None
+    request_message_id: int | None
+    params: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+
+def timeout_s(ctx: WorkerContext, kind: JobKind) -> int:
+    """The time limit of a job of ``kind``."""
+    return ctx.settings.train_timeout_s if kind is JobKind.TRAIN else ctx.settings.job_timeout_s
+
+
+def _aware(moment: dt.datetime | None) -> dt.datetime | None:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    return moment.replace(tzinfo=dt.timezone.utc) if moment is not None and moment.tzinfo is None else moment
+
+
+def emit(ctx: WorkerContext, job_id: int, event: JobEvent) -> None:
+    """Publish one event on the job's stream."""
+    publish(ctx.redis, job_id, event, ctx.settings.event_ttl_s)
+
+
+def claim(ctx: WorkerContext, job_id: int, redelivered: bool = False) -> Claim | None:
+    """Start an attempt at the job, or None when there is nothing to do (missing, finished, or running elsewhere)."""
+    now = utcnow()
+    with ctx.sessionmaker.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state in TERMINAL_STATES:
+            logger.info("job %s: nothing to do (%s)", job_id, job.state.value if job else "missing")
+            cancelled = job is not None and job.state is JobState.CANCELLED
+            if cancelled and job.started_at is None:  # cancelled while queued: close its stream for followers
+                emit(ctx, job_id, Failed("Cancelled."))
+            return None
+        started = _aware(job.started_at)
+        stale = started is not None and now - started > dt.timedelta(seconds=timeout_s(ctx, job.kind))
+        if job.state is JobState.RUNNING and not (redelivered or stale):
+            logger.info("job %s: already running (attempt %s); duplicate delivery ignored", job_id, job.attempts)
+            return None
+        attempt = job.attempts + 1
+        result = Claim(
+            job_id, job.kind, attempt, job.user_id, job.conversation_id, job.request_message_id, dict(job.params)
+        )
+        won = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == job.state, Job.attempts == job.attempts)
+            .values(state=JobState.RUNNING, attempts=attempt, started_at=now, error=None)
+        ).rowcount
+        if won != 1:
+            logger.info("job %s: claimed by another delivery", job_id)
+            return None
+        exhausted = attempt > ctx.settings.max_attempts
+        if exhausted:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(state=JobState.FAILED, error=f"gave up after {attempt - 1} attempts", finished_at=now)
+            )
+    if exhausted:
+        logger.warning("job %s: gave up after %s attempts", job_id, attempt - 1)
+        emit(ctx, job_id, Failed("Sorry, this request failed several times and was given up. Please try again."))
+        return None
+    if attempt > 1:  # an earlier attempt may have streamed part of a reply: frontends start over
+        emit(ctx, job_id, Progress(stage="retry", step=attempt))
+    return result
+
+
+class Watch:
+    """Called from model callbacks: raises Stop when the job was cancelled, taken over, or ran out of time."""
+
+    __slots__ = ("ctx", "claim", "deadline", "_next_check", "interval_s")
+
+    def __init__(self, ctx: WorkerContext, claim: Claim, interval_s: float = 0.5) -> None:
+        self.ctx, self.claim, self.interval_s = ctx, claim, interval_s
+        self.deadline = claim.started + timeout_s(ctx, claim.kind)
+        self._next_check = 0.0
+
+    def check(self) -> None:
+        """Look at the job row at most every ``interval_s``; raise Stop when the work should end."""
+        now = time.monotonic()
+        if now > self.deadline:
+            raise TimedOut(f"job {self.claim.job_id} ran past {timeout_s(self.ctx, self.claim.kind)} s")
+        if now < self._next_check:
+            return
+        self._next_check = now + self.interval_s
+        with self.ctx.sessionmaker() as session:
+            row = session.execute(select(Job.state, Job.attempts).where(Job.id == self.claim.job_id)).one_or_none()
+        if row is None or row.state is JobState.CANCELLED:
+            raise Cancelled(f"job {self.claim.job_id} was cancelled")
+        if row.state is not JobState.RUNNING or row.attempts != self.claim.attempt:
+            raise Superseded(f"job {self.claim.job_id} attempt {self.claim.attempt} was overtaken")
+
+
+def complete(
+    ctx: WorkerContext,
+    claim: Claim,
+    text: str,
+    image_keys: Sequence[str] = (),
+    result: dict[str, Any] | None = None,
+    before_done: Sequence[JobEvent] = (),
+) -> int | None:
+    """Store the reply and mark the job done in one transaction, then publish ``before_done`` and Done.
+
+    Returns the reply message id; raises Superseded (writing nothing) when this attempt no longer owns the job.
+    """
+    with ctx.sessionmaker.begin() as session:
+        message_id = None
+        conversation = session.get(Conversation, claim.conversation_id) if claim.conversation_id else None
+        if conversation is not None:
+            message_id = repo.add_message(session, conversation, "character", text, image_keys).id
+        done = session.execute(
+            update(Job)
+            .where(Job.id == claim.job_id, Job.state == JobState.RUNNING, Job.attempts == claim.attempt)
+            .values(
+                state=JobState.DONE,
+                reply_message_id=message_id,
+                result=dict(result or {}),
+                progress=1.0,
+                finished_at=utcnow(),
+            )
+        ).rowcount
+        if done != 1:
+            raise Superseded(f"job {claim.job_id} attempt {claim.attempt} lost its claim before completing")
+    for event in before_done:
+        emit(ctx, claim.job_id, event)
+    emit(ctx, claim.job_id, Done(message_id))
+    return message_id
+
+
+def fail(ctx: WorkerContext, claim: Claim, error: str, user_message: str) -> bool:
+    """Mark the attempt's job failed with ``error`` and tell the user; False when the attempt lost its claim."""
+    with ctx.sessionmaker.begin() as session:
+        failed = session.execute(
+            update(Job)
+            .where(Job.id == claim.job_id, Job.state == JobState.RUNNING, Job.attempts == claim.attempt)
+            .values(state=JobState.FAILED, error=error[:2000], finished_at=utcnow())
+        ).rowcount
+    if failed:
+        emit(ctx, claim.job_id, Failed(user_message))
+    return bool(failed)

@@ -1,0 +1,61 @@
+"""Celery tasks, kept thin: a task carries a job id and hands the job to its runner.
+
+The attempt cap lives in the job row (``workers.lifecycle.claim``), so it holds across broker restarts and
+sweeper re-sends. Failures the user should hear about become a Failed event and a failed row; nothing is retried
+by Celery itself (a redelivery after a worker died is the broker's doing, and is counted).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Final
+
+from core.jobs import QUEUE_OF_KIND, Failed, JobKind
+from workers.celery_app import app
+from workers.context import WorkerContext, get_context
+from workers.inference import run_chat, run_image
+from workers.lifecycle import Cancelled, Claim, Superseded, TimedOut, claim, emit, fail
+
+__all__ = ["RUNNERS", "run_job", "dispatch", "execute"]
+
+logger = logging.getLogger(__name__)
+
+RUNNERS: Final[dict[JobKind, Callable[[WorkerContext, Claim], None]]] = {
+    JobKind.CHAT: run_chat,
+    JobKind.IMAGE: run_image,
+}
+
+
+def execute(ctx: WorkerContext, job_id: int, redelivered: bool = False) -> None:
+    """Run one delivery of a job: claim, run, complete or fail; duplicates and finished jobs do nothing."""
+    work = claim(ctx, job_id, redelivered)
+    if work is None:
+        return
+    runner = RUNNERS.get(work.kind)
+    try:
+        if runner is None:
+            raise LookupError(f"no runner for {work.kind.value} jobs in this worker")
+        runner(ctx, work)
+    except Superseded:
+        logger.info("job %s attempt %s was overtaken; its result is dropped", job_id, work.attempt)
+    except Cancelled:
+        logger.info("job %s was cancelled", job_id)
+        emit(ctx, job_id, Failed("Cancelled."))
+    except TimedOut as error:
+        fail(ctx, work, str(error), "Sorry, this took too long and was stopped. Please try again.")
+    except Exception as error:
+        logger.exception("job %s attempt %s failed", job_id, work.attempt)
+        fail(ctx, work, f"{type(error).__name__}: {error}", "Sorry, something went wrong. Please try again.")
+
+
+@app.task(name="unichar.run_job", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_job(self, job_id: int) -> None:  # type: ignore[no-untyped-def]
+    """Run the job ``job_id``; a redelivery (its first worker died) may take over a running job."""
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    execute(get_context(), int(job_id), redelivered)
+
+
+def dispatch(job_id: int, kind: JobKind) -> None:
+    """Send the job to its kind's queue (``core.chat.Dispatch``); call after the job row is committed."""
+    run_job.apply_async((job_id,), queue=QUEUE_OF_KIND[kind])
