@@ -49,6 +49,7 @@ class ConsoleFrontend:
     _sent: int = 0
     _shown: tuple[str, int] | None = None  # the last progress shown, to skip repeats
     _stage_start: tuple[str, float, int] | None = None  # (stage, monotonic time, step) of its first event
+    _line_start: bool = True  # whether the cursor is at the start of a line
 
     def run(self, lines: TextIO) -> int:
         """The read-answer loop until end of input or /quit; returns the exit code."""
@@ -92,7 +93,7 @@ class ConsoleFrontend:
             for _entry_id, event in follow_sync(self.redis, queued.job_id, idle_timeout_s=self.idle_timeout_s):
                 self.render(queued.job_id, event)
         except TimeoutError:
-            self._write(f"\n! No word from the workers about request #{queued.job_id}; /status shows where it is.\n")
+            self._status(f"! No word from the workers about request #{queued.job_id}; /status shows where it is.")
 
     def render(self, job_id: int, event: JobEvent) -> None:
         """One event on the terminal."""
@@ -103,9 +104,9 @@ class ConsoleFrontend:
         elif isinstance(event, ImageReady):
             self._status(f"[image saved: {self._save(job_id, event)}]")
         elif isinstance(event, Done):
-            self._write("\n")
+            self._write("" if self._line_start else "\n")
         elif isinstance(event, Failed):
-            self._write(f"\n! {event.error}\n")
+            self._status(f"! {event.error}")
 
     def _progress(self, event: Progress) -> None:
         """Queue position when it changes; a stage's percent and ETA at most every 10 % (and at 100 %)."""
@@ -142,12 +143,14 @@ class ConsoleFrontend:
         return target.resolve()
 
     def _status(self, text: str) -> None:
-        """A status line between pieces of the reply."""
-        self._write(f"\n{text}\n")
+        """A status line of its own between pieces of the reply."""
+        self._write(("" if self._line_start else "\n") + text + "\n")
 
     def _write(self, text: str) -> None:
-        self.out.write(text)
-        self.out.flush()
+        if text:
+            self.out.write(text)
+            self.out.flush()
+            self._line_start = text.endswith("\n")
 
 
 def run_console(settings: Settings, user: str = "local", lines: TextIO | None = None, out: TextIO | None = None) -> int:

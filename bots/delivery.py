@@ -141,6 +141,13 @@ class Deliveries:
             log.info("resuming %s unfinished deliveries", len(targets))
         return [target.job_id for target in targets]
 
+    async def stop(self) -> None:
+        """Stop every running delivery; what each had posted is recorded, and the next start resumes it."""
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def wait_all(self) -> None:
         """Wait for the deliveries running now (tests and shutdown)."""
         while self._running:

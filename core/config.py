@@ -57,6 +57,24 @@ class Settings(BaseSettings):
     image_height: int = Field(1024, ge=64, le=1024, multiple_of=16, description="Height of generated images.")
     image_steps: int = Field(50, ge=2, le=200, description="Flow-matching timesteps per generated image.")
 
+    # --- pictures in replies (issue 8) ----------------------------------------------------------------------
+    auto_image_every: int = Field(
+        4, ge=1, description="With the auto policy, at least this many replies between two pictures in a chat."
+    )
+    image_quota_user_per_day: int = Field(20, ge=0, description="Pictures one user may get in 24 hours.")
+    image_quota_chat_per_day: int = Field(100, ge=0, description="Pictures one chat may get in 24 hours (0: no cap).")
+    image_context_tokens: int = Field(
+        12288, ge=0, description="Context tokens reference images may take in a scene picture's prompt."
+    )
+    allow_nsfw_images: bool = Field(False, description="Whether adult pictures may be made at all (then only in age-restricted chats).")
+    image_banned_words: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated words that make a picture request refused."
+    )
+    image_nsfw_words: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["nsfw", "nude", "naked", "nudes", "topless", "lewd", "explicit", "porn", "sex"],
+        description="Comma-separated words that mark a picture request as adult.",
+    )
+
     # --- jobs ---------------------------------------------------------------------------------------------
     job_timeout_s: int = Field(900, ge=10, description="Longest chat or image job, in seconds.")
     train_timeout_s: int = Field(6 * 3600, ge=60, description="Longest training job, in seconds.")
@@ -133,7 +151,7 @@ class Settings(BaseSettings):
     console_image_dir: Path = Field(Path("var/images"), description="Where `unichar chat` saves received images.")
     log_level: str = Field("INFO", description="Logging level of every process.")
 
-    @field_validator("admin_ids", mode="before")
+    @field_validator("admin_ids", "image_banned_words", "image_nsfw_words", mode="before")
     @classmethod
     def _split_admins(cls, value: object) -> object:
         if isinstance(value, str):

@@ -177,7 +177,7 @@ def index_chat(session: Session, chat_id: int) -> int:
     ).all()
     done = set(
         session.scalars(
-            select(MessageTerm.message_id.distinct()).where(MessageTerm.message_id.in_([r.id for r in rows]))
+            select(MessageTerm.message_id).distinct().where(MessageTerm.message_id.in_([r.id for r in rows]))
         )
     ) if rows else set()
     postings = []

@@ -6,24 +6,26 @@ file store and refused when a near-duplicate (perceptual hash) of one already ad
 number of images, the texts and the consent attestation, all at once or nothing changes.
 
 Admins (``Settings.is_admin``; the ``cli`` platform is the machine's operator) list, inspect (a contact sheet PNG and
-the persona text), approve (creates the ``train`` Job and its ``TrainingJob``), reject with a reason, cancel and
-retry; each action writes an ``AuditEntry``. Every state change leaves a ``Notification`` row for the submitter
+the persona text), approve (creates the ``train`` Job and its ``TrainingJob``), reject with a reason, cancel, retry,
+and publish once they have read the evaluation report; each action writes an ``AuditEntry``. Every state change leaves a ``Notification`` row for the submitter
 that the bot of their platform delivers: ``pending_notifications(session, platform)`` then ``mark_delivered``.
 
 Services take the caller's ``Session`` and never commit; file deletions and task dispatch run after the commit.
 
-    collecting -> pending -> approved -> training -> published
+    collecting -> pending -> approved -> training -> evaluated -> published
          |           |           |           |-> failed -> (retry) approved
-         v           v           v           v
-     cancelled   rejected    cancelled   cancelled          (withdrawn: any state, by the submitter or an admin)
+         v           v           v           v           v
+     cancelled   rejected    cancelled   cancelled   rejected      (withdrawn: any state, by submitter or admin)
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import numpy as np
@@ -86,14 +88,15 @@ class State:
     PENDING = "pending"
     APPROVED = "approved"  # a train job is queued
     TRAINING = "training"
+    EVALUATED = "evaluated"  # trained; the admin reads the report, then publishes
     PUBLISHED = "published"
     REJECTED = "rejected"
     CANCELLED = "cancelled"
     FAILED = "failed"
     WITHDRAWN = "withdrawn"
 
-    OPEN: Final = frozenset({COLLECTING, PENDING, APPROVED, TRAINING})
-    IN_QUEUE: Final = frozenset({PENDING, APPROVED, TRAINING, FAILED})
+    OPEN: Final = frozenset({COLLECTING, PENDING, APPROVED, TRAINING, EVALUATED})
+    IN_QUEUE: Final = frozenset({PENDING, APPROVED, TRAINING, EVALUATED, FAILED})
 
 
 class Step:
@@ -342,6 +345,12 @@ class Submissions:
         submission.greeting = _text(text, "greeting", GREETING_CHARS)
         return self._advance(submission)
 
+    def set_example_dialogues(self, session: Session, who: Actor, text: str) -> CharacterSubmission:
+        """Optional sample conversations (``<START>`` blocks of ``{{user}}:`` / ``{{char}}:`` lines)."""
+        submission = self._open_draft(session, who)
+        submission.example_dialogues = _text(text, "example dialogue", (0, 20000))
+        return self._advance(submission)
+
     def add_image(self, session: Session, who: Actor, data: bytes) -> int:
         """Validate, store and attach one image; returns the draft's image count, or raises with the reason."""
         submission = self._open_draft(session, who)
@@ -426,6 +435,7 @@ class Submissions:
         if submission.state in (State.WITHDRAWN, State.CANCELLED, State.REJECTED):
             raise SubmissionError(f"Submission #{submission.id} is already {submission.state}.")
         self._stop_job(session, submission)
+        self._drop_training_outputs(session, submission)
         if submission.character_id is not None:
             character = session.get(Character, submission.character_id)
             if character is not None:
@@ -490,7 +500,9 @@ class Submissions:
         """Refuse a pending submission with a reason the submitter sees; its images are deleted."""
         self._require_admin(who)
         reason = _text(reason, "reason", (3, 1000))
-        submission = self._get(session, submission_id, State.PENDING)
+        submission = self._get(session, submission_id, State.PENDING, State.EVALUATED)
+        self._stop_job(session, submission)
+        self._drop_training_outputs(session, submission)
         submission.state = State.REJECTED
         submission.reason = reason
         self._drop_images(session, submission)
@@ -501,8 +513,11 @@ class Submissions:
     def admin_cancel(self, session: Session, who: Actor, submission_id: int, reason: str = "") -> CharacterSubmission:
         """Stop a queued or running training (or drop a pending submission); a running worker stops at its next check."""
         self._require_admin(who)
-        submission = self._get(session, submission_id, State.PENDING, State.APPROVED, State.TRAINING, State.FAILED)
+        submission = self._get(
+            session, submission_id, State.PENDING, State.APPROVED, State.TRAINING, State.EVALUATED, State.FAILED
+        )
         self._stop_job(session, submission)
+        self._drop_training_outputs(session, submission)
         submission.state = State.CANCELLED
         submission.reason = reason
         self._drop_images(session, submission)
@@ -525,38 +540,72 @@ class Submissions:
         notify(session, submission, "retried", f"Training of {submission.name!r} was queued again.")
         return job_id
 
-    # --- called by the training pipeline ---------------------------------------------------------------
-
-    def publish(
-        self, session: Session, submission_id: int, adapter_key: str, report: dict | None = None
-    ) -> Character:
-        """Create or update the submission's Character with the new adapter version and tell the submitter."""
-        submission = self._get(session, submission_id, State.APPROVED, State.TRAINING)
+    def publish(self, session: Session, who: Actor, submission_id: int) -> Character:
+        """After reading the evaluation report: create or update the Character with the new adapter version."""
+        self._require_admin(who)
+        submission = self._get(session, submission_id, State.EVALUATED)
+        training = self._training(session, submission)
+        if training is None or not training.adapter_key:
+            raise SubmissionError(f"Submission #{submission.id} has no trained adapter to publish.")
         character = session.get(Character, submission.character_id) if submission.character_id else None
         if character is None:
             character = Character(name=submission.name, creator_id=submission.user_id)
             session.add(character)
         character.description = submission.description
         character.greeting = submission.greeting
+        character.example_dialogues = submission.example_dialogues
         character.real_person = submission.real_person
         character.consent_attested = submission.consent_attested
         character.status = "published"
         old_key = character.adapter_key
-        character.adapter_key = adapter_key
+        character.adapter_key = training.adapter_key
         character.adapter_version = (character.adapter_version or 0) + 1
-        if report:
-            character.card = {**(character.card or {}), "evaluation": report}
+        character.card = {**(character.card or {}), "evaluation": dict(training.report)}
         session.flush()
-        if old_key and old_key != adapter_key:
+        if old_key and old_key != training.adapter_key:
             self._delete_file_later(session, old_key)
         self._keep_references(session, submission, character)
         submission.character_id = character.id
         submission.state = State.PUBLISHED
+        self._audit(session, who, "publish", submission, f"adapter {training.adapter_key} v{character.adapter_version}")
         notify(
             session, submission, "published",
             f"Your character {character.name!r} is live (adapter version {character.adapter_version}).",
         )
         return character
+
+    # --- called by the training pipeline (training/pipeline.py) ----------------------------------------
+
+    def training_started(self, session: Session, submission_id: int) -> CharacterSubmission:
+        """The worker picked the job up."""
+        submission = self._get(session, submission_id, State.APPROVED, State.TRAINING)
+        if submission.state != State.TRAINING:
+            submission.state = State.TRAINING
+            notify(session, submission, "training", f"Training of {submission.name!r} has started.")
+        return submission
+
+    def training_progress(self, session: Session, submission_id: int, percent: int, eta_s: float | None) -> None:
+        """Tell the submitter how far training is (the pipeline calls it at a few milestones)."""
+        submission = self._get(session, submission_id)
+        eta = f", about {max(1, round(eta_s / 60))} min left" if eta_s else ""
+        notify(session, submission, "progress", f"Training of {submission.name!r}: {percent}% done{eta}.")
+
+    def training_failed(self, session: Session, submission_id: int, reason: str) -> None:
+        """The run failed; an admin may retry (it resumes from the last checkpoint)."""
+        submission = self._get(session, submission_id)
+        if submission.state in (State.APPROVED, State.TRAINING):
+            submission.state = State.FAILED
+            submission.reason = reason[:2000]
+            notify(session, submission, "failed", f"Training of {submission.name!r} failed; an admin will look at it.")
+            self._tell_admins(session, f"Training of submission #{submission.id} failed: {reason[:300]}")
+
+    def training_finished(self, session: Session, submission_id: int) -> CharacterSubmission:
+        """Trained and evaluated: waits for an admin to read the report and publish."""
+        submission = self._get(session, submission_id, State.TRAINING)
+        submission.state = State.EVALUATED
+        notify(session, submission, "evaluated", f"{submission.name!r} is trained; an admin will review it shortly.")
+        self._tell_admins(session, f"Submission #{submission.id} ({submission.name!r}) is trained: review and publish.")
+        return submission
 
     # --- helpers ---------------------------------------------------------------------------------------
 
@@ -587,6 +636,18 @@ class Submissions:
             job.finished_at = utcnow()
         if training.state not in ("done", "failed"):
             training.state = "cancelled"
+
+    def _drop_training_outputs(self, session: Session, submission: CharacterSubmission) -> None:
+        """Delete an unpublished adapter and the run's folder (checkpoints, annotations) after commit."""
+        training = self._training(session, submission)
+        if training is None:
+            return
+        key, training.adapter_key = training.adapter_key, None
+        if key:
+            self._delete_file_later(session, key)
+        if training.work_dir:
+            folder = Path(training.work_dir)
+            _after_commit(session, lambda: shutil.rmtree(folder, ignore_errors=True))
 
     def _keep_references(self, session: Session, submission: CharacterSubmission, character: Character) -> None:
         """Keep the sources as the character's reference images when the policy says so, else delete them."""
@@ -691,7 +752,7 @@ class Submissions:
         others = select(CharacterSubmission.id).where(
             func.lower(CharacterSubmission.name) == lowered,
             CharacterSubmission.id != submission_id,
-            CharacterSubmission.state.in_([State.PENDING, State.APPROVED, State.TRAINING, State.FAILED]),
+            CharacterSubmission.state.in_(list(State.IN_QUEUE)),
         )
         return session.scalars(characters).first() is not None or session.scalars(others).first() is not None
 

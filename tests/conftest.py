@@ -261,7 +261,7 @@ def celery_worker(worker_context: Any) -> Iterator[Any]:
     from workers.celery_app import app, configure
     from workers.context import install_context
 
-    configure(app, worker_context.settings, result_backend="cache+memory://")
+    configure(app, worker_context.settings, result_backend="cache+memory://", task_ignore_result=False)
     install_context(worker_context)
     options = {"pool": "threads", "concurrency": 4, "loglevel": "WARNING", "queues": ["chat", "image"]}
     with start_worker(app, perform_ping_check=True, shutdown_timeout=30, **options) as worker:

@@ -1,4 +1,4 @@
-"""``unichar admin queue ...``: the character-submission review queue from the machine's shell.
+"""``unichar admin queue list|show|approve|reject|cancel|retry|publish``: the submission queue from the shell.
 
 The operator at the shell acts as platform ``cli`` (audited as ``cli:<login>``). Approve and retry send the train
 task after commit; when the broker is down the sweeper sends it later, since the queued Job row is the truth.
@@ -21,7 +21,7 @@ __all__ = ["add_subparsers", "format_item"]
 
 log = logging.getLogger(__name__)
 
-_OPEN = ("pending", "approved", "training", "failed")
+_OPEN = ("pending", "approved", "training", "evaluated", "failed")
 _ALL = _OPEN + ("published", "rejected", "cancelled", "withdrawn")
 
 
@@ -45,7 +45,7 @@ def _eta(seconds: float | None) -> str:
 def format_item(item: QueueItem) -> str:
     """One queue line: id, state, name, submitter, images, training progress and ETA."""
     progress = ""
-    if item.total_steps and item.state in ("approved", "training", "failed"):
+    if item.total_steps and item.state in ("approved", "training", "evaluated", "failed"):
         loss = f" loss {item.loss:.4f}" if item.loss is not None else ""
         progress = f"  {item.percent:5.1f}% ({item.step}/{item.total_steps}) ETA {_eta(item.eta_s)}{loss}"
     reason = f"  ({item.reason})" if item.reason else ""
@@ -94,6 +94,9 @@ def _act(args: argparse.Namespace, settings: Settings, service: Submissions, who
     if action == "cancel":
         service.admin_cancel(session, who, args.id, " ".join(args.reason))
         return f"Cancelled #{args.id}."
+    if action == "publish":
+        character = service.publish(session, who, args.id)
+        return f"Published {character.name!r} (adapter version {character.adapter_version})."
     return f"Retrying #{args.id}; train job {service.retry(session, who, args.id)} queued."
 
 
@@ -115,6 +118,9 @@ def add_subparsers(subparsers: argparse._SubParsersAction) -> None:  # type: ign
     cancel = actions.add_parser("cancel", help="stop a queued or running training")
     cancel.add_argument("id", type=int)
     cancel.add_argument("reason", nargs="*", help="optional note for the submitter")
+    actions.add_parser("publish", help="publish a trained character after reading its evaluation").add_argument(
+        "id", type=int
+    )
     actions.add_parser("retry", help="queue a failed training again (resumes from its checkpoint)").add_argument(
         "id", type=int
     )

@@ -64,7 +64,7 @@ def clean_text(message: discord.Message, me_id: int) -> str:
         return f"#{channel.name}" if channel else "#channel"
 
     text = _MENTION.sub(readable, message.content)
-    return re.sub(r"@(everyone|here)\b", r"@\u200b\1", text).strip()
+    return re.sub(r"@(everyone|here)\b", "@\u200b\\1", text).strip()
 
 
 def incoming(message: discord.Message, text: str, images: Sequence[Attachment]) -> IncomingMessage:

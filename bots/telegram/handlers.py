@@ -52,6 +52,7 @@ __all__ = [
     "chat_message",
     "picture_message",
     "unsupported_message",
+    "unknown_command",
     "edited_message",
     "pick_character",
     "confirm_reset",
@@ -327,6 +328,14 @@ async def unsupported_message(update: Update, context: BotContext) -> None:
     else:
         reason = "I can't use that kind of message"
     await _say(update, f"⚠️ {reason}. Send me text, or a photo with a question about it.")
+
+
+async def unknown_command(update: Update, context: BotContext) -> None:
+    """Says which commands exist when a private message starts with one that does not."""
+    user = update.effective_user
+    assert user is not None
+    is_admin = context.services.settings.is_admin(PLATFORM, str(user.id))
+    await _say(update, "⚠️ I don't know that command.\n\n" + help_text(is_admin))
 
 
 async def edited_message(update: Update, context: BotContext) -> None:

@@ -284,6 +284,7 @@ class CharacterSubmission(Base):
     name: Mapped[str] = mapped_column(String(64), default="")
     description: Mapped[str] = mapped_column(Text, default="")
     greeting: Mapped[str] = mapped_column(Text, default="")
+    example_dialogues: Mapped[str] = mapped_column(Text, default="")  # optional, card convention (<START> blocks)
     real_person: Mapped[bool] = mapped_column(Boolean, default=False)
     consent_attested: Mapped[bool] = mapped_column(Boolean, default=False)
     consent_text: Mapped[str] = mapped_column(Text, default="")

@@ -45,7 +45,7 @@ def test_a_conversation_streams_replies_and_stores_them(console: ConsoleFrontend
     script = "/characters\n/use Alice\nhello there\n\n/help\n/quit\nnever read\n"
     assert console.run(io.StringIO(script)) == 0
     out = _output(console)
-    assert "- Alice" in out and "- Bob" in out
+    assert "* Alice" in out and "- Bob" in out  # the default character is marked as current
     assert "You are now talking with Alice." in out and "Ahoy!" in out
     assert "Alice: echo: hello there\n" in out
     assert "/imagine" in out  # the help text

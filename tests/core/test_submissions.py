@@ -231,8 +231,15 @@ def test_retry_and_publish(env):
     assert sent[-1] == job_id
     adapter_key = store.put(b"adapter bytes", ".lora")
     with db.begin() as s:
-        character = service.publish(s, sid, adapter_key, {"identity": 0.5})
+        service.training_started(s, sid)
+        training = s.scalars(select(TrainingJob)).one()
+        training.adapter_key, training.report = adapter_key, {"identity_similarity": 0.5}
+        service.training_finished(s, sid)
+        with pytest.raises(NotAllowed):
+            service.publish(s, USER, sid)
+        character = service.publish(s, ADMIN, sid)
         assert character.adapter_version == 1 and character.status == "published"
+        assert character.card["evaluation"] == {"identity_similarity": 0.5}
     with db.begin() as s:
         assert s.scalar(select(func.count()).select_from(Notification).where(Notification.kind == "published")) == 1
         service.withdraw(s, USER, sid)

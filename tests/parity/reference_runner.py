@@ -30,7 +30,7 @@ QUESTION = "What is in this image? Describe the picture."
 EDIT = "Make the cat blue."
 DECODE_STEPS = 8
 VIT_SIZES = ((28, 42), (56, 28))  # (H, W) of the packed ViT images, multiples of 14
-EDIT_SIZE = (64, 96)  # (H, W) of the edit's input image, multiples of 16
+EDIT_SIZE = (112, 224)  # (H, W) of the edit input: multiples of 16 (VAE) and 14 (ViT), so no resize is needed
 T2I_SIZE = (64, 64)
 FLOW_T = 0.9  # a shifted time inside the CFG interval
 SAMPLING = dict(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=[0.4, 1.0], timestep_shift=3.0,

@@ -262,7 +262,7 @@ class FakeDiscord:
             self._clicked[payload["token"]] = message.id
         return payload
 
-    async def wait_until(self, predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
+    async def wait_until(self, predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
         """Wait until ``predicate()`` is truthy (checked after every request); returns its value."""
 
         async def _wait() -> Any:
@@ -271,7 +271,11 @@ class FakeDiscord:
                     await self._changed.wait()
                 return result
 
-        return await asyncio.wait_for(_wait(), timeout)
+        try:
+            return await asyncio.wait_for(_wait(), timeout)
+        except TimeoutError:
+            seen = "\n".join(f"  {r.method} {r.path} {str(r.json)[:300]}" for r in self.requests[-15:])
+            raise AssertionError(f"condition not met in {timeout} s; last requests:\n{seen}") from None
 
     def calls(self, method: str, pattern: str) -> list[Recorded]:
         """The recorded requests whose path matches ``pattern``."""

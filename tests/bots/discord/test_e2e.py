@@ -67,3 +67,61 @@ def test_mention_gets_a_streamed_webhook_reply(settings, sessions, worker) -> No
             assert jobs and all(job.delivered_at is not None for job in jobs)
 
     run(body())
+
+
+def _command(name: str, *options: dict[str, Any], sub: str | None = None) -> dict[str, Any]:
+    """The data of a slash-command interaction."""
+    opts = list(options)
+    if sub is not None:
+        opts = [{"name": sub, "type": 1, "options": opts}]
+    return {"id": "1", "name": name, "type": 1, "options": opts}
+
+
+def _opt(name: str, value: Any, kind: int = 3) -> dict[str, Any]:
+    return {"name": name, "type": kind, "value": value}
+
+
+async def _imagine(fake: FakeDiscord, bot: Any, prompt: str = "a boat at dusk") -> Posted:
+    """Run /imagine as USER and return the posted image message once delivered."""
+    event = fake.interaction_event(user=USER, data=_command("imagine", _opt("prompt", prompt)))
+    await fake.dispatch("INTERACTION_CREATE", event)
+    image = await fake.wait_until(lambda: next((m for m in fake.in_channel(CHANNEL_ID) if m.files), None))
+    await bot.deliveries.wait_all()
+    assert fake.callbacks[event["token"]]["type"] == 5  # deferred first
+    return image
+
+
+def test_imagine_delivers_an_image_with_buttons_only_the_requester_can_press(settings, sessions, worker) -> None:
+    async def body() -> None:
+        async with running_bot(settings, sessions, worker) as (fake, bot):
+            image = await _imagine(fake, bot)
+            assert image.via == "webhook" and image.username == "Alice"
+            data = next(iter(image.files.values()))
+            assert data.startswith(b"\x89PNG")
+            buttons = [c["custom_id"] for row in image.payload["components"] for c in row["components"]]
+            assert [b.split(":")[2] for b in buttons] == ["regen", "accept", "delete"]
+            assert all(b.endswith(f":{USER_ID}") for b in buttons)
+            # the status message (queue position / progress) is gone once the image is there
+            assert [m for m in fake.in_channel(CHANNEL_ID) if not m.files] == []
+
+            accept = buttons[1]
+            press = fake.interaction_event(
+                user=OTHER, kind=3, data={"custom_id": accept, "component_type": 2}, message=image
+            )
+            await fake.dispatch("INTERACTION_CREATE", press)
+            refusal = await fake.wait_until(lambda: fake.callbacks.get(press["token"]))
+            assert refusal["type"] == 4 and refusal["data"]["flags"] & 64  # private
+            assert "Only the person" in refusal["data"]["content"]
+            assert image.payload["components"]  # untouched
+
+            press = fake.interaction_event(
+                user=USER, kind=3, data={"custom_id": accept, "component_type": 2}, message=image
+            )
+            await fake.dispatch("INTERACTION_CREATE", press)
+            answer = await fake.wait_until(lambda: fake.callbacks.get(press["token"]))
+            assert answer["type"] == 7 and image.payload["components"] == []
+        with sessions() as session:
+            job = session.scalars(select(Job).where(Job.kind == "image")).one()
+            assert job.delivery["accepted_by"] == str(USER_ID) and job.delivered_at is not None
+
+    run(body())

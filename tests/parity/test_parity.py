@@ -1,0 +1,224 @@
+"""Parity with the official ByteDance-Seed/Bagel code on the same random tiny weights (issue 3, item 5).
+
+Runs only when ``BAGEL_REFERENCE_DIR`` points at a checkout of the official repository and
+``BAGEL_REFERENCE_PYTHON`` at a Python whose environment can import it (transformers 4.49, einops, accelerate;
+MODEL.md 11.9). The reference runs in that interpreter, in a subprocess (``reference_runner.py``), and saves its
+inputs and outputs; this side replays the same inputs through the project's runtime and compares.
+
+The reference runs as published: bf16 weights under autocast (what its inferencer does on a GPU), the VAE in fp32.
+The project runs in float32 (its CPU default) and in bfloat16; tolerances are bf16's, and every comparison prints
+its max and mean absolute difference (``pytest -s`` shows them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core.model.api import ImageContexts, ImageParams, TextParams, TextSegment
+from core.model.kv_cache import CacheSpan
+from core.model.runtime import UniCharacterRuntime, _ImageBlock, _TextBlock
+from core.model.sampling import mask_padding_rows
+from core.model.tiny import write_tiny_model
+from core.model.transforms import LATENT_MAX_PATCHES_PER_SIDE, VIT_MAX_PATCHES_PER_SIDE, flattened_position_ids, patchify
+from core.model.flow import cfg_combine
+
+HERE = Path(__file__).parent
+REFERENCE_DIR = os.environ.get("BAGEL_REFERENCE_DIR")
+REFERENCE_PYTHON = os.environ.get("BAGEL_REFERENCE_PYTHON")
+
+pytestmark = pytest.mark.skipif(
+    not (REFERENCE_DIR and REFERENCE_PYTHON and Path(REFERENCE_DIR, "inferencer.py").is_file()),
+    reason="set BAGEL_REFERENCE_DIR (an official Bagel checkout) and BAGEL_REFERENCE_PYTHON (its interpreter)",
+)
+
+# (atol, rtol) per dtype of the project's model: the reference itself rounds through bf16 everywhere.
+TOLERANCE = {torch.float32: (3e-2, 3e-2), torch.bfloat16: (6e-2, 6e-2)}
+
+
+@dataclass(frozen=True)
+class Reference:
+    tensors: dict[str, torch.Tensor]
+    meta: dict
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    out = tmp_path_factory.mktemp("reference")
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([REFERENCE_DIR, str(HERE / "standin")])}
+    proc = subprocess.run(
+        [REFERENCE_PYTHON, str(HERE / "reference_runner.py"), str(model_dir), str(out)],
+        cwd=REFERENCE_DIR, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"the reference run failed:\n{proc.stderr[-4000:]}"
+    meta = json.loads((out / "reference.json").read_text(encoding="utf-8"))
+    return Reference(load_file(str(out / "reference.safetensors")), meta)
+
+
+@pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def runtime(request: pytest.FixtureRequest, model_dir: Path) -> UniCharacterRuntime:
+    return UniCharacterRuntime.load(model_dir, device="cpu", dtype=request.param)
+
+
+def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
+    """Assert closeness at the dtype's tolerance and print max/mean absolute differences."""
+    ours, ref = ours.float().cpu(), ref.float().cpu()
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} vs reference {tuple(ref.shape)}"
+    diff = (ours - ref).abs()
+    line = (f"{name} [{str(dtype).removeprefix('torch.')}]: max abs diff {diff.max():.3e}, "
+            f"mean abs diff {diff.mean():.3e}, max |ref| {ref.abs().max():.3e}")
+    print(line)
+    atol, rtol = TOLERANCE[dtype]
+    torch.testing.assert_close(ours, ref, atol=atol * scale, rtol=rtol, msg=lambda m: f"{line}\n{m}")
+
+
+def _forward(rt: UniCharacterRuntime, x: torch.Tensor, rope: int, cache, span: CacheSpan, *, text: bool,
+             mixed: bool = False) -> torch.Tensor:
+    """One decoder pass of a block at rope id ``rope`` (text counts up from it; images share it)."""
+    L = x.shape[1]
+    positions = torch.arange(rope, rope + L)[None] if text else torch.full((x.shape[0], 1), rope)
+    return rt.model.language_model.model(x, positions, cache=cache, span=span, causal=text, mixed=mixed)
+
+
+def teacher_forced_logits(rt: UniCharacterRuntime, blocks: list, fed: list[int]) -> torch.Tensor:
+    """Prefill ``blocks``, then feed ``fed`` one token at a time through the cache; logits of every step."""
+    length = sum(b.length for b in blocks)
+    cache = rt._new_cache(rows=1, capacity=length + len(fed))
+    done = rt._prefill(blocks, cache, row=0, offset=0)
+    logits = []
+    for i, token in enumerate(fed):
+        pos = length + i
+        span = CacheSpan(rows=slice(0, 1), start=0, write=pos, end=pos + 1)
+        hidden = _forward(rt, rt.model.embed_text(torch.tensor([[token]])), done.rope + i, cache, span, text=True)
+        logits.append(rt.model.language_model.logits(hidden[:, -1]))
+    return torch.cat(logits)
+
+
+def vit_block(rt: UniCharacterRuntime, image: torch.Tensor) -> _ImageBlock:
+    p = rt.cfg.vit.patch_size
+    pos = flattened_position_ids(image.shape[1] // p, image.shape[2] // p, VIT_MAX_PATCHES_PER_SIDE)
+    return _ImageBlock(patchify(image, p), pos, vit=True)
+
+
+def test_tokenization_matches(runtime: UniCharacterRuntime, reference: Reference) -> None:
+    meta = reference.meta
+    assert runtime.tokenizer.segment(meta["prompt"]) == meta["text.prompt_ids"]
+    ids = meta["new_token_ids"]
+    special = runtime.tokenizer.special
+    assert (special.bos, special.eos, special.vision_start, special.vision_end) == (
+        ids["bos_token_id"], ids["eos_token_id"], ids["start_of_image"], ids["end_of_image"])
+
+
+def test_text_logits(runtime: UniCharacterRuntime, reference: Reference) -> None:
+    rt, meta, ref = runtime, reference.meta, reference.tensors
+    ids = meta["text.prompt_ids"]
+    with torch.inference_mode():
+        hidden = rt.model.language_model.model(rt.model.embed_text(torch.tensor([ids])), torch.arange(len(ids))[None],
+                                               causal=True)
+        compare("text prefill logits", rt.model.language_model.logits(hidden)[0], ref["text.prefill_logits"], rt.dtype)
+        decoded = teacher_forced_logits(rt, [_TextBlock(ids)], meta["text.decode_ids"])
+    compare("text decode logits (teacher-forced, cached)", decoded, ref["text.decode_logits"], rt.dtype)
+
+
+def test_greedy_first_token(runtime: UniCharacterRuntime, reference: Reference) -> None:
+    """The public decode picks the reference's best token among real (non-padding) rows."""
+    logits = mask_padding_rows(reference.tensors["text.decode_logits"][:1].clone(), runtime.tokenizer.size)
+    expected = int(logits.argmax())
+    text = runtime.generate_text([TextSegment(reference.meta["prompt"])], TextParams(max_new_tokens=1, temperature=0))
+    assert text == ("" if expected == runtime.tokenizer.special.eos else runtime.tokenizer.decode([expected]))
+
+
+def test_vit_features(runtime: UniCharacterRuntime, reference: Reference) -> None:
+    rt, ref = runtime, reference.tensors
+    images = [ref["vit.image0"], ref["vit.image1"]]
+    blocks = [vit_block(rt, im) for im in images]
+    lens = torch.tensor([b.tokens.shape[0] for b in blocks])
+    cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+    tokens, pos = torch.cat([b.tokens for b in blocks]), torch.cat([b.position_ids for b in blocks])
+    with torch.inference_mode():
+        compare("ViT features (2 packed images)", rt.model.vit_model(tokens, cu, pos), ref["vit.features"], rt.dtype)
+        embeds = rt.model.embed_vit(tokens, cu, pos, int(lens.max()))
+    compare("ViT block LLM inputs (connector + sin-cos)", embeds, ref["vit.llm_inputs"], rt.dtype)
+
+
+def test_vqa_logits(runtime: UniCharacterRuntime, reference: Reference) -> None:
+    rt, meta, ref = runtime, reference.meta, reference.tensors
+    blocks = [vit_block(rt, ref["vit.image0"]), _TextBlock(rt.tokenizer.segment(meta["question"]))]
+    with torch.inference_mode():
+        logits = teacher_forced_logits(rt, blocks, meta["vqa.decode_ids"])
+    compare("VQA decode logits (ViT block + question)", logits, ref["vqa.decode_logits"], rt.dtype)
+
+
+def velocity(rt: UniCharacterRuntime, plans: list[list], x_t: torch.Tensor, grid: tuple[int, int], t: float) -> torch.Tensor:
+    """Velocities of every branch at flow time ``t`` (one left-padded cache row per context)."""
+    lengths = [sum(b.length for b in blocks) for blocks in plans]
+    P, Q = max(lengths), grid[0] * grid[1] + 2
+    cache = rt._new_cache(rows=len(plans), capacity=P + Q)
+    ropes = [rt._prefill(blocks, cache, row, P - n).rope for row, (blocks, n) in enumerate(zip(plans, lengths))]
+    mask = torch.arange(P + Q)[None] >= torch.tensor([P - n for n in lengths])[:, None]
+    span = CacheSpan(rows=slice(0, len(plans)), start=0, write=P, end=P + Q, key_mask=mask)
+    pos = flattened_position_ids(*grid, LATENT_MAX_PATCHES_PER_SIDE)
+    start, end = rt._markers()
+    lat = rt.model.embed_latents(x_t[None], torch.tensor([t]), pos)
+    query = torch.cat([start, lat, end], dim=1).expand(len(plans), -1, -1)
+    positions = torch.tensor(ropes)[:, None]
+    hidden = rt.model.language_model.model(query, positions, cache=cache, span=span, causal=False, mixed=True)
+    return rt.model.velocity(hidden[:, 1:-1])
+
+
+def test_t2i_velocity_with_cfg(runtime: UniCharacterRuntime, reference: Reference) -> None:
+    rt, meta, ref = runtime, reference.meta, reference.tensors
+    grid = tuple(s // 16 for s in meta["t2i_size"])
+    plans = [[_TextBlock(rt.tokenizer.segment(meta["prompt"]))], []]  # cond, text-uncond (empty context)
+    with torch.inference_mode():
+        v = velocity(rt, plans, ref["flow.t2i.x_t"], grid, meta["flow_t"])
+    compare("T2I velocity, cond branch", v[0], ref["flow.t2i.v_cond"], rt.dtype)
+    for renorm in ("global", "channel"):
+        guided = cfg_combine(v[0], v[1], None, 4.0, 1.0, renorm, 0.0)
+        compare(f"T2I velocity, CFG text 4.0 ({renorm} renorm)", guided, ref[f"flow.t2i.v_cfg_{renorm}"], rt.dtype)
+
+
+def test_edit_velocity_with_cfg(runtime: UniCharacterRuntime, reference: Reference) -> None:
+    """Image in context through the VAE (posterior sampled with the reference's seed) and the ViT, then text."""
+    rt, meta, ref = runtime, reference.meta, reference.tensors
+    image = ref["edit.image"]
+    with torch.inference_mode():
+        gen = torch.Generator().manual_seed(meta["edit.posterior_seed"])
+        z = rt.vae.encode(image[None], generator=gen)[0]
+        image_blocks = [rt._vae_block(z), vit_block(rt, image)]
+        text = _TextBlock(rt.tokenizer.segment(meta["edit"]))
+        plans = [image_blocks + [text], image_blocks, [text]]  # cond, text-uncond, image-uncond
+        grid = tuple(s // 16 for s in meta["edit_size"])
+        v = velocity(rt, plans, ref["flow.edit.x_t"], grid, meta["flow_t"])
+    cfg = meta["edit_cfg"]
+    compare("edit velocity, cond branch", v[0], ref["flow.edit.v_cond"], rt.dtype)
+    guided = cfg_combine(v[0], v[1], v[2], cfg["cfg_text_scale"], cfg["cfg_img_scale"], cfg["cfg_renorm_type"],
+                         cfg["cfg_renorm_min"])
+    compare("edit velocity, CFG text 4.0 image 2.0 (text_channel)", guided, ref["flow.edit.v_cfg"], rt.dtype)
+
+
+def test_short_text_to_image_sampling(runtime: UniCharacterRuntime, reference: Reference) -> None:
+    """The public sampler from the same initial noise (same seed, same draw) ends at the reference's image."""
+    s = reference.meta["sample.settings"]
+    params = ImageParams(
+        width=s["size"][1], height=s["size"][0], num_timesteps=s["num_timesteps"], timestep_shift=s["timestep_shift"],
+        cfg_text_scale=s["cfg_text_scale"], cfg_img_scale=s["cfg_img_scale"], cfg_interval=tuple(s["cfg_interval"]),
+        cfg_renorm_min=s["cfg_renorm_min"], cfg_renorm_type=s["cfg_renorm_type"], seed=1234 + 4,
+    )
+    noise = torch.randn(1, *reference.tensors["sample.init_noise"].shape, generator=torch.Generator().manual_seed(1238))
+    assert torch.equal(noise[0], reference.tensors["sample.init_noise"]), "the runtime's noise draw changed"
+    image = runtime.generate_image(ImageContexts(cond=[TextSegment(reference.meta["prompt"])]), params)
+    pixels = torch.from_numpy(__import__("numpy").asarray(image).copy()).float()
+    compare("T2I sampling, final pixels (0-255)", pixels, reference.tensors["sample.pixels"], runtime.dtype, scale=255)
