@@ -45,7 +45,7 @@ PG_ADMIN = os.environ.get("UNICHAR_BENCH_PG_URL", "postgresql+psycopg://postgres
 
 @dataclass(frozen=True, slots=True)
 class Result:
-    """One database's figures."""
+    """One database's figures; ``cpu_ms`` is CPU time per sequential message by process (load-independent)."""
 
     database: str
     p50_ms: float
@@ -55,6 +55,15 @@ class Result:
     throughput: float
     users: int
     concurrent_messages: int
+    cpu_ms: dict[str, float]
+
+
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) a process has used so far; this process's own when ``pid`` is None."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _settings(data_dir: Path, database_url: str, redis_url: str, threads: int) -> Settings:
@@ -170,12 +179,17 @@ def measure(database: str, database_url: str, args: argparse.Namespace) -> Resul
             upgrade(settings.sql_url)
             with make_sessionmaker(make_engine(settings.sql_url)).begin() as session:
                 session.add(Character(name="Bench", description="Answers at once."))
-            with _worker(settings):
+            with _worker(settings) as worker:
                 client = Client(settings)
                 try:
                     for n in range(args.warmup):
                         client.message("warmup", n)
+                    pids = {"client": None, "worker": worker.pid, "redis": client.redis.info("server")["process_id"]}
+                    cpu_before = {name: _cpu_s(pid) for name, pid in pids.items()}
                     latencies = sorted(client.message("solo", n) for n in range(args.messages))
+                    cpu_ms = {
+                        name: 1000 * (_cpu_s(pid) - cpu_before[name]) / args.messages for name, pid in pids.items()
+                    }
                     started = time.perf_counter()
                     with ThreadPoolExecutor(args.users) as pool:
                         work = [pool.submit(_user, client, f"user{u}", args.per_user) for u in range(args.users)]
@@ -192,6 +206,7 @@ def measure(database: str, database_url: str, args: argparse.Namespace) -> Resul
         throughput=sent / elapsed,
         users=args.users,
         concurrent_messages=sent,
+        cpu_ms=cpu_ms,
     )
 
 
@@ -203,7 +218,11 @@ def _user(client: Client, user: str, count: int) -> int:
 
 def _machine() -> str:
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
         platform.processor(),
     )
     redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
@@ -223,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "worker":
         return run_worker()
     print(f"machine: {_machine()}; worker threads: {args.threads}")
-    print("| database | p50 ms | p99 ms | mean ms | messages | msg/s, concurrent users (messages) |")
-    print("|---|---|---|---|---|---|")
+    print("| database | p50 ms | p99 ms | mean ms | messages | msg/s, concurrent users (messages) | CPU ms/message |")
+    print("|---|---|---|---|---|---|---|")
     for database in args.db.split(","):
         with tempfile.TemporaryDirectory() as folder:
             if database == "sqlite":
@@ -234,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                     result = measure(database, url, args)
         print(
             f"| {result.database} | {result.p50_ms:.1f} | {result.p99_ms:.1f} | {result.mean_ms:.1f} | "
-            f"{result.messages} | {result.throughput:.0f} with {result.users} users ({result.concurrent_messages}) |",
+            f"{result.messages} | {result.throughput:.0f} with {result.users} users ({result.concurrent_messages}) | "
+            + ", ".join(f"{name} {ms:.1f}" for name, ms in result.cpu_ms.items())
+            + " |",
             flush=True,
         )
     return 0

@@ -8,7 +8,6 @@ position while the job waits, an image's progress with percent and ETA, and the 
 
 from __future__ import annotations
 
-import logging
 import shutil
 import sys
 import time
@@ -28,8 +27,6 @@ if TYPE_CHECKING:
     from core.config import Settings
 
 __all__ = ["PLATFORM", "ConsoleFrontend", "run_console"]
-
-log = logging.getLogger(__name__)
 
 PLATFORM: Final = "console"
 QUIT: Final = frozenset({"/quit", "/exit"})

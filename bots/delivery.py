@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from bots.render import EditPacer, RetryLater, progress_text, take_chunk
+from bots.render import EditPacer, RetryLater, progress_text, strip_control, take_chunk
 from core.db.models import Chat, Conversation, Job, Message, User, utcnow
 from core.jobs import TERMINAL_STATES, Done, Failed, ImageReady, JobEvent, JobKind, JobState, Progress, TextDelta
 from core.queue import position
@@ -305,7 +305,7 @@ class _Run:
     async def _on_event(self, event: JobEvent) -> bool:
         """Render one event; True when the delivery is complete."""
         if isinstance(event, TextDelta):
-            self.text += event.text
+            self.text += strip_control(event.text)
             await self._show_text(final=False)
         elif isinstance(event, Progress):
             await self._show_progress(event)
@@ -322,7 +322,7 @@ class _Run:
     async def _from_row(self, snapshot: _Snapshot) -> None:
         """Finish from the stored result when the event stream is gone (expired, or the bot was down long)."""
         if snapshot.state is JobState.DONE:
-            self.text = snapshot.text
+            self.text = strip_control(snapshot.text)
             for key in snapshot.image_keys:
                 await self._show_image(key)
             await self._finish()

@@ -25,6 +25,7 @@ from core.jobs import Progress
 __all__ = [
     "LengthFn",
     "utf16_len",
+    "strip_control",
     "take_chunk",
     "split_text",
     "RetryLater",
@@ -45,6 +46,14 @@ DISCORD_LIMIT: Final = 2000  # characters of one message's content
 
 _FENCE: Final = re.compile(r"^[ \t]*(```|~~~)([^\n]{0,16})$", re.MULTILINE)
 _INLINE: Final = re.compile(r"`[^`\n]+`")
+
+
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def strip_control(text: str) -> str:
+    """``text`` without control characters (NUL and friends) that platforms refuse or show as boxes."""
+    return _CONTROL.sub("", text)
 
 
 def utf16_len(text: str) -> int:

@@ -279,7 +279,8 @@ def _as_v2(document: Mapping[str, Any]) -> dict[str, Any]:
 
 def new_card(fields: Mapping[str, Any]) -> Card:
     """A fresh V3 card holding ``fields`` (card field names), with every field V3 requires."""
-    data: dict[str, Any] = {key: ([] if key in _LIST_FIELDS else {} if key == "extensions" else "") for key in _V3_REQUIRED}
+    empty = {key: [] for key in _LIST_FIELDS} | {"extensions": {}}
+    data: dict[str, Any] = {key: empty.get(key, "") for key in _V3_REQUIRED}
     data.update(fields)
     return parse_card({"spec": "chara_card_v3", "spec_version": "3.0", "data": data})
 
@@ -325,9 +326,8 @@ def scan_lorebook(
             if entry.get("selective") and entry.get("secondary_keys"):
                 if not _matches(entry["secondary_keys"], text, folded, entry):
                     continue
-        hits.append(
-            LoreHit(content, int(entry.get("priority") or 0), int(entry.get("insertion_order") or 0), count_tokens(content))
-        )
+        priority, order = int(entry.get("priority") or 0), int(entry.get("insertion_order") or 0)
+        hits.append(LoreHit(content, priority, order, count_tokens(content)))
     limit = min(budget, book["token_budget"]) if book.get("token_budget") else budget
     kept: list[LoreHit] = []
     used = 0

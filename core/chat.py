@@ -172,7 +172,9 @@ class ChatService:
             raise _Refused("No character is available yet: an admin has to add one first.")
         return repo.active_conversation(session, who.user.id, who.character.id, who.chat.id)
 
-    def _queue(self, message: IncomingMessage, kind: JobKind, text: str, images: list[str], params: dict) -> ChatOutcome:
+    def _queue(
+        self, message: IncomingMessage, kind: JobKind, text: str, images: list[str], params: dict
+    ) -> ChatOutcome:
         """Store the user's turn and its job in one transaction, then dispatch after commit."""
         with self.sessionmaker.begin() as session:
             who = self._who(session, message)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 __all__ = ["MediaError", "ValidatedImage", "validate_image", "FileStore", "ACCEPTED_FORMATS"]
 
 ACCEPTED_FORMATS: Final = ("PNG", "JPEG", "WEBP", "GIF")
-_KEY = re.compile(r"^[0-9a-f]{64}(\.[a-z0-9]{1,8})?$")
+_KEY = re.compile(r"^[0-9a-f]{64}(\.[a-z0-9]{1,12})?$")
 
 
 class MediaError(ValueError):
@@ -108,7 +108,7 @@ def _normal_suffix(suffix: str) -> str:
     suffix = suffix.lower()
     if suffix and not suffix.startswith("."):
         suffix = "." + suffix
-    if suffix and not re.fullmatch(r"\.[a-z0-9]{1,8}", suffix):
+    if suffix and not re.fullmatch(r"\.[a-z0-9]{1,12}", suffix):
         raise ValueError(f"bad file-store suffix {suffix!r}")
     return suffix
 

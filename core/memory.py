@@ -31,12 +31,12 @@ import datetime as dt
 import logging
 import math
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import String, Table, cast, delete, event, func, select, update
+from sqlalchemy import String, Table, case, cast, delete, event, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from core.db.models import (
@@ -96,6 +96,7 @@ SUMMARY_REPLY_TOKENS: Final = 400
 TURN_ROLES: Final = ("user", "character")
 MAX_POSTINGS: Final = 5000  # postings read per recall: the rarest query terms first
 RESCAN_TURNS: Final = 20  # the chat's latest turns checked again by the indexer
+DOCUMENT: Final = ""  # the term every indexed message has a posting for
 _FACTS_LINE = re.compile(r"(?im)^\s*facts?\s*:")
 _BM25_K1, _BM25_B = 1.2, 0.75
 _WORD = re.compile(r"[^\W_]+")
@@ -166,7 +167,8 @@ def index_chat(session: Session, chat_id: int) -> int:
     Reads the turns after the newest indexed one, plus the last few again: a turn committed late (a lower id
     than one already indexed) is caught that way.
     """
-    last = session.scalar(select(func.max(MessageTerm.message_id)).where(MessageTerm.chat_id == chat_id)) or 0
+    indexed = (MessageTerm.chat_id == chat_id, MessageTerm.term == DOCUMENT)
+    last = session.scalar(select(func.max(MessageTerm.message_id)).where(*indexed)) or 0
     latest = select(Message.id).where(Message.chat_id == chat_id).order_by(Message.id.desc()).limit(RESCAN_TURNS)
     rows = session.execute(
         select(Message.id, Message.conversation_id, Message.text).where(
@@ -175,17 +177,15 @@ def index_chat(session: Session, chat_id: int) -> int:
             (Message.id > last) | Message.id.in_(latest.scalar_subquery()),
         )
     ).all()
-    done = set(
-        session.scalars(
-            select(MessageTerm.message_id).distinct().where(MessageTerm.message_id.in_([r.id for r in rows]))
-        )
-    ) if rows else set()
+    ids = [row.id for row in rows]
+    done = set(session.scalars(select(MessageTerm.message_id).where(*indexed, MessageTerm.message_id.in_(ids))))
     postings = []
     for message_id, conversation_id, text in rows:
         if message_id in done:
             continue
-        counts = Counter(terms(text)) or Counter({"": 0})  # the empty term marks a message without terms
+        counts = Counter(terms(text))
         length = sum(counts.values())
+        counts[DOCUMENT] = 0
         postings.extend(
             {"message_id": message_id, "term": term, "chat_id": chat_id, "conversation_id": conversation_id,
              "count": n, "length": length}
@@ -264,40 +264,38 @@ def recall(session: Session, conversation: Conversation, query: str, *, before_i
         MessageTerm.message_id >= arrived,
         MessageTerm.message_id < before_id,
     )
-    df = dict(
-        session.execute(
-            select(MessageTerm.term, func.count()).where(MessageTerm.term.in_(wanted), *scope).group_by(MessageTerm.term)
-        ).all()
-    )
-    if not df:
+    stats = session.execute(
+        select(MessageTerm.term, func.count(), func.sum(MessageTerm.length))
+        .where(MessageTerm.term.in_(wanted), *scope)
+        .group_by(MessageTerm.term)
+    ).all()
+    if not stats:
         return []
-    total = session.scalar(
-        select(func.count())
-        .select_from(Message)
-        .where(Message.conversation_id.in_(conversation_ids), Message.id >= arrived, Message.id < before_id)
-    ) or 1
-    idf = {term: math.log(1 + (total - n + 0.5) / (n + 0.5)) for term, n in df.items()}
+    df = {term: n for term, n, _ in stats}
+    average = sum(length for _, _, length in stats) / sum(df.values())  # length of the messages that matter
+    total = session.scalar(select(func.count()).where(MessageTerm.term == DOCUMENT, *scope)) or 1
     chosen, budget = [], MAX_POSTINGS
     for term in sorted(df, key=df.__getitem__):  # rarest first: they carry the meaning
         if df[term] > budget:
             break
         chosen.append(term)
         budget -= df[term]
-    rows = session.execute(
-        select(MessageTerm.message_id, MessageTerm.term, MessageTerm.count, MessageTerm.length).where(
-            MessageTerm.term.in_(chosen), *scope
-        )
+    # BM25, summed by the database over the chosen terms' postings
+    idf = case(
+        *((MessageTerm.term == t, math.log(1 + (total - df[t] + 0.5) / (df[t] + 0.5))) for t in chosen), else_=0.0
+    )
+    tf = MessageTerm.count * 1.0
+    norm = tf + _BM25_K1 * (1 - _BM25_B + _BM25_B * MessageTerm.length / average)
+    score = func.sum(idf * tf * (_BM25_K1 + 1) / norm).label("score")
+    best = session.execute(
+        select(MessageTerm.message_id, score)
+        .where(MessageTerm.term.in_(chosen), *scope)
+        .group_by(MessageTerm.message_id)
+        .order_by(score.desc(), MessageTerm.message_id.desc())
+        .limit(limit)
     ).all()
-    if not rows:
-        return []
-    average = sum(row.length for row in rows) / len(rows)
-    scores: dict[int, float] = defaultdict(float)
-    for message_id, term, count, length in rows:
-        norm = count + _BM25_K1 * (1 - _BM25_B + _BM25_B * length / average)
-        scores[message_id] += idf[term] * count * (_BM25_K1 + 1) / norm
-    best = sorted(scores, key=lambda mid: (-scores[mid], -mid))[:limit]
-    messages = session.scalars(select(Message).where(Message.id.in_(best))).all()
-    rank = {mid: i for i, mid in enumerate(best)}
+    rank = {message_id: i for i, (message_id, _) in enumerate(best)}
+    messages = session.scalars(select(Message).where(Message.id.in_(rank))).all()
     return sorted(_turns(session, messages), key=lambda turn: rank[turn.message_id])
 
 

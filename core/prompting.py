@@ -1,23 +1,26 @@
 """Prompt assembly: a character, a user and their memory into the model's segments, within a token budget.
 
-The text follows UniCharacter's role-play template (MODEL.md 8.1), the format its SFT data taught the model::
+The text is UniCharacter's role-play template (MODEL.md 8.1, built by ``core.model.roleplay.response_prompt``),
+the format its SFT data taught the model::
 
-    Character Description: ...\\n\\nOpening: ...\\n\\nConversation History:\\n{speaker}: {text}\\n...User Input: ...
-    \\n\\nBased on the character description, ..., please generate {Name}'s response.
+    Character Description: ...\n\nOpening: ...\n\nConversation History:\n{speaker}: {text}\n...User Input: ...
+    \n\nBased on the character description, ..., please generate {Name}'s response.
 
 The extra context this project adds (card fields, lorebook hits, the user's persona, facts, the rolling summary,
 recalled turns, example dialogues) goes in labelled paragraphs of the description part. Images the user sent come
 first, as ViT blocks, as in BAGEL's understanding layout (MODEL.md 6). Every part is costed with the model's own
-tokenizer; parts are then taken most important first, and what does not fit is dropped, least important first:
-example dialogues, recalled turns, older history, extracted facts, lorebook entries, opening, summary, card fields,
-pinned facts, the latest turns. The character's description, the user's persona and the new message are never
-dropped (a description too long for the budget is cut short); :class:`Prompt` says what went in and what not.
+tokenizer and taken most important first; from the first part that does not fit, every less important part is
+dropped too, so what is lost is always the least important: example dialogues, older history, recalled turns,
+extracted facts, lorebook entries, opening, summary, card fields, pinned facts, the latest turns (history stays
+contiguous). The character's description, the user's persona and the new message are never dropped (a description
+too long for the budget is cut short); :class:`Prompt` says what went in and what did not.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from functools import lru_cache
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -85,7 +88,7 @@ class Prompt:
 
     segments: list[Segment]
     text: str
-    tokens: int
+    tokens: int  # an upper bound, counted part by part with the model's tokenizer (images included)
     budget: int
     included: list[str]
     dropped: list[str]
@@ -99,6 +102,11 @@ class _Piece:
     rank: float  # lower is more important; 0 is never dropped
     cost: int = 0
     role: str = ""  # history lines: the speaker
+
+    @property
+    def line(self) -> str:
+        """The text as the prompt shows it."""
+        return f"{self.role}: {self.text}" if self.role else self.text
 
 
 def _expand(text: str, char: str, user: str) -> str:
@@ -138,7 +146,10 @@ def _pieces(inputs: PromptInputs, count_tokens: Callable[[str], int], lore_budge
     for age, turn in enumerate(reversed(memory.window)):  # newest first
         rank = 10 + age / 100 if age < LATEST_TURNS else 50 + age / 100
         pieces.append(_Piece(f"history[{turn.message_id}]", "history", turn.text, rank, role=turn.speaker))
-    pieces += [_Piece(f"recalled[{t.message_id}]", "recalled", _line(t), 200 + i) for i, t in enumerate(memory.recalled)]
+    # a turn recalled for its relevance beats an old one that is merely recent
+    pieces += [
+        _Piece(f"recalled[{t.message_id}]", "recalled", _line(t), 48 + i / 100) for i, t in enumerate(memory.recalled)
+    ]
     blocks = [b.strip() for b in re.split(r"(?im)^\s*<START>\s*$", inputs.example_dialogues) if b.strip()]
     pieces += [_Piece(f"example[{i}]", "examples", f"<START>\n{b}", 300 + i) for i, b in enumerate(blocks)]
     for piece in pieces:
@@ -167,20 +178,29 @@ def _render(pieces: Sequence[_Piece], inputs: PromptInputs) -> str:
     )
 
 
+@lru_cache(maxsize=8)
+def _memoized(count_tokens: Callable[[str], int]) -> Callable[[str], int]:
+    """``count_tokens`` with a cache: card fields, facts and most of the window recur from one reply to the next."""
+    return lru_cache(maxsize=16384)(count_tokens)
+
+
 def _fit_required(
-    required: list[_Piece], inputs: PromptInputs, count_tokens: Callable[[str], int], budget: int
+    required: list[_Piece], inputs: PromptInputs, count_tokens: Callable[[str], int], budget: int, estimate: int
 ) -> int:
     """Tokens of the never-dropped parts, after cutting the description to fit; PromptTooLong if they cannot."""
+    if estimate <= budget:
+        return estimate
     description = next(p for p in required if p.key == "description")
     tokens = count_tokens(_render(required, inputs))
     while tokens > budget:
         if not description.text:
             raise PromptTooLong(
-                f"the message, persona and template alone take {tokens} tokens; the budget is {budget}. Please shorten them."
+                f"the message, persona and template alone take {tokens} tokens; the budget is {budget}. "
+                "Please shorten them."
             )
         share = max(0, description.cost - (tokens - budget) - 1) / max(description.cost, 1)
         description.text = description.text[: int(len(description.text) * share)].rstrip()
-        description.cost = count_tokens(description.text)
+        description.cost = count_tokens(description.text + "\n")
         description.key = "description(cut)"
         tokens = count_tokens(_render(required, inputs))
     return tokens
@@ -194,47 +214,44 @@ def build_prompt(
     lore_budget: int = 512,
     image_tokens: int = 0,
 ) -> Prompt:
-    """The prompt of ``inputs`` within ``budget`` tokens (``image_tokens`` per user image, counted in)."""
-    marker = count_tokens("")  # the segment markers count_tokens adds to every call
-    pieces = _pieces(inputs, count_tokens, lore_budget)
+    """The prompt of ``inputs`` within ``budget`` tokens (``image_tokens`` per user image, counted in).
+
+    Parts are counted one by one, each with the line break that ends it, plus every heading; since the text splits
+    into the same pre-tokens at those line breaks, the sum bounds the whole text's count from above, and no
+    part is tokenized twice (the counts are cached across calls).
+    """
+    count = _memoized(count_tokens)
+    marker = count("")  # the segment markers count_tokens adds to every call
+    pieces = _pieces(inputs, count, lore_budget)
     for piece in pieces:
-        piece.cost = count_tokens(piece.text) - marker + 1  # + the line break joining it
+        piece.cost = count(piece.line + "\n") - marker
     text_budget = budget - image_tokens * len(inputs.images)
+    skeleton = count(response_prompt(inputs.character_name, "", "", "", []))  # the template's own words
     required = [p for p in pieces if p.rank == 0]
-    used = _fit_required(required, inputs, count_tokens, text_budget)
-    headings = {name: count_tokens(heading) - marker + 2 for name, heading in _CONTEXT_SECTIONS}
-    headings["history"] = count_tokens("Conversation History:") - marker + 2
+    used = _fit_required(required, inputs, count, text_budget, skeleton + sum(p.cost for p in required))
+    headings = {name: count(heading) - marker + 2 for name, heading in _CONTEXT_SECTIONS}
+    headings["history"] = count("Conversation History:") - marker + 2
     chosen, dropped = list(required), []
     sections = {p.section for p in required} | {"opening", "message", "post"}
-    history_full = False
+    full = False
     for piece in sorted((p for p in pieces if p.rank > 0), key=lambda p: p.rank):
-        is_history = piece.section == "history"
         cost = piece.cost + (0 if piece.section in sections else headings[piece.section])
-        if (is_history and history_full) or used + cost > text_budget:
-            history_full = history_full or is_history  # history stays contiguous: no gap before older turns
+        full = full or used + cost > text_budget
+        if full:  # from the first part that does not fit, everything less important goes too (history stays whole)
             dropped.append(piece)
             continue
         chosen.append(piece)
         sections.add(piece.section)
         used += cost
-    text = _render(chosen, inputs)
-    tokens = count_tokens(text)
-    while tokens > text_budget:  # headings and joins cost a little more than the estimate: drop more
-        victim = max((p for p in chosen if p.rank > 0), key=lambda p: p.rank, default=None)
-        if victim is None:
-            break
-        chosen.remove(victim)
-        dropped.append(victim)
-        text = _render(chosen, inputs)
-        tokens = count_tokens(text)
     if dropped:
         log.debug("prompt for %s dropped %d parts", inputs.character_name, len(dropped))
+    text = _render(chosen, inputs)
     segments: list[Segment] = [ImageSegment(image, vit=True) for image in inputs.images]
     segments.append(TextSegment(text))
     return Prompt(
         segments=segments,
         text=text,
-        tokens=tokens + image_tokens * len(inputs.images),
+        tokens=used + image_tokens * len(inputs.images),
         budget=budget,
         included=[p.key for p in sorted(chosen, key=lambda p: p.rank)],
         dropped=[p.key for p in sorted(dropped, key=lambda p: p.rank)],

@@ -58,8 +58,8 @@ def _read_json(path: Path) -> Any:
 
 def _short_name(folder: Path) -> str:
     """The name the data set's own files use (``Ichihime_with_image.json``), else the folder's last part."""
-    for pattern, suffix in (("*_with_image.json", "_with_image.json"), ("*_t2i_instruction.json", "_t2i_instruction.json")):
-        for path in sorted(folder.glob(pattern)):
+    for suffix in ("_with_image.json", "_t2i_instruction.json"):
+        for path in sorted(folder.glob("*" + suffix)):
             return path.name[: -len(suffix)]
     return folder.name.rsplit("-", 1)[-1].strip()
 

@@ -40,7 +40,7 @@ def publish(redis: Redis, job_id: int, event: JobEvent, ttl_s: int = 3600) -> st
 class _Cursor:
     """Where a follower stands in one stream: the last entry id read and how long nothing came."""
 
-    __slots__ = ("job_id", "last_id", "idle_timeout_s", "_idle_ms")
+    __slots__ = ("_idle_ms", "idle_timeout_s", "job_id", "last_id")
 
     def __init__(self, job_id: int, last_id: str, idle_timeout_s: float | None) -> None:
         self.job_id, self.last_id, self.idle_timeout_s, self._idle_ms = job_id, last_id, idle_timeout_s, 0
@@ -55,6 +55,8 @@ class _Cursor:
         for _key, entries in reply or []:  # type: ignore[attr-defined]
             for entry_id, fields in entries:
                 out.append((entry_id.decode() if isinstance(entry_id, bytes) else entry_id, decode_event(fields)))
+        if out:
+            self.last_id = out[-1][0]
         self._idle_ms = 0 if out else self._idle_ms + _BLOCK_MS
         if self.idle_timeout_s is not None and self._idle_ms >= self.idle_timeout_s * 1000:
             raise TimeoutError(f"no event for job {self.job_id} in {self.idle_timeout_s} s")
@@ -70,8 +72,8 @@ async def follow(
     """
     cursor = _Cursor(job_id, last_id, idle_timeout_s)
     while True:
-        for cursor.last_id, event in cursor.take(await redis.xread(**cursor.read_args())):  # type: ignore[arg-type]
-            yield cursor.last_id, event
+        for entry_id, event in cursor.take(await redis.xread(**cursor.read_args())):  # type: ignore[arg-type]
+            yield entry_id, event
             if is_final(event):
                 return
 
@@ -82,7 +84,7 @@ def follow_sync(
     """The blocking twin of :func:`follow`, for threads and scripts."""
     cursor = _Cursor(job_id, last_id, idle_timeout_s)
     while True:
-        for cursor.last_id, event in cursor.take(redis.xread(**cursor.read_args())):  # type: ignore[arg-type]
-            yield cursor.last_id, event
+        for entry_id, event in cursor.take(redis.xread(**cursor.read_args())):  # type: ignore[arg-type]
+            yield entry_id, event
             if is_final(event):
                 return

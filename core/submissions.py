@@ -348,7 +348,7 @@ class Submissions:
     def set_example_dialogues(self, session: Session, who: Actor, text: str) -> CharacterSubmission:
         """Optional sample conversations (``<START>`` blocks of ``{{user}}:`` / ``{{char}}:`` lines)."""
         submission = self._open_draft(session, who)
-        submission.example_dialogues = _text(text, "example dialogue", (0, 20000))
+        submission.example_dialogues = _text(text, "example dialogue", (0, 50000))
         return self._advance(submission)
 
     def add_image(self, session: Session, who: Actor, data: bytes) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging.config
 
 from alembic import context
-from sqlalchemy import Connection
+from alembic.operations import ops
+from sqlalchemy import Connection, ForeignKeyConstraint
 
 from core.config import Settings
 from core.db.models import Base
@@ -21,12 +22,31 @@ def _url() -> str:
     return config.attributes.get("url") or context.get_x_argument(as_dictionary=True).get("url") or Settings().sql_url
 
 
+def _defer_cyclic_keys(_context, _revision, directives) -> None:  # type: ignore[no-untyped-def]
+    """Create use_alter foreign keys (users <-> characters) after every table exists, and drop them first.
+
+    Autogenerate keeps them inside ``create_table``, where PostgreSQL silently leaves them out.
+    """
+    script = directives[0]
+    deferred: list[ForeignKeyConstraint] = []
+    for op in script.upgrade_ops.ops:
+        if isinstance(op, ops.CreateTableOp):
+            keys = [c for c in op.columns if isinstance(c, ForeignKeyConstraint) and c.use_alter]
+            op.columns[:] = [c for c in op.columns if not any(c is key for key in keys)]
+            deferred += keys
+    for key in deferred:
+        table = key.parent.name
+        script.upgrade_ops.ops.append(ops.ModifyTableOps(table, [ops.CreateForeignKeyOp.from_constraint(key)]))
+        script.downgrade_ops.ops.insert(0, ops.ModifyTableOps(table, [ops.DropConstraintOp.from_constraint(key)]))
+
+
 def _configure(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=Base.metadata,
         render_as_batch=connection.dialect.name == "sqlite",  # SQLite alters tables by copying them
         compare_type=True,
+        process_revision_directives=_defer_cyclic_keys,
     )
 
 

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 from redis import Redis
 from sqlalchemy import Engine, func, select, text
-from sqlalchemy.orm import Session, sessionmaker as SessionMaker
+from sqlalchemy.orm import Session
+from sqlalchemy.orm import sessionmaker as SessionMaker
 
 from core.config import Settings
 from core.db.models import Base
@@ -230,9 +231,9 @@ class Live:
 def worker_context(tmp_path_factory: pytest.TempPathFactory, redis_url: str, request: pytest.FixtureRequest) -> Any:
     """The session worker's resources: PostgreSQL when reachable (else SQLite), the run's Redis, a tmp file store."""
     from core.media import FileStore
+    from tests.doubles import EchoModel
     from workers.context import WorkerContext
     from workers.shared_model import SharedModel
-    from tests.doubles import EchoModel
 
     try:
         db_url = request.getfixturevalue("pg_databases").create()

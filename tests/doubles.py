@@ -13,7 +13,16 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw
 
-from core.model.api import ImageContexts, ImageParams, ImageSegment, OnProgress, OnText, Segment, TextParams, TextSegment
+from core.model.api import (
+    ImageContexts,
+    ImageParams,
+    ImageSegment,
+    OnProgress,
+    OnText,
+    Segment,
+    TextParams,
+    TextSegment,
+)
 
 __all__ = ["EchoModel", "ModelFailure"]
 

@@ -44,12 +44,16 @@ def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
         (["bot", "irc"], "invalid choice"),
     ],
 )
-def test_bad_arguments_exit_2_with_the_reason(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_arguments_exit_2_with_the_reason(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
 
 
-def test_bad_settings_are_one_readable_message(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_settings_are_one_readable_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("UNICHAR_MAX_ATTEMPTS", "many")
     monkeypatch.setenv("UNICHAR_ADMIN_IDS", "telegram:1,nobody")
     assert cli.main(["db", "upgrade"]) == 2
@@ -66,7 +70,9 @@ def test_bad_log_level_is_reported(monkeypatch: pytest.MonkeyPatch, capsys: pyte
     assert "UNICHAR_LOG_LEVEL" in capsys.readouterr().err
 
 
-def test_a_bot_without_its_token_is_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_bot_without_its_token_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("UNICHAR_TELEGRAM_TOKEN", "")
     assert cli.main(["bot", "telegram"]) == 2
     assert "UNICHAR_TELEGRAM_TOKEN is not set" in capsys.readouterr().err

@@ -34,7 +34,7 @@ def _queues(service: dict[str, Any]) -> set[str]:
 
 
 def test_every_service_is_there(compose: dict[str, Any]) -> None:
-    assert SERVICES <= set(compose["services"])
+    assert set(compose["services"]) >= SERVICES
 
 
 def test_migrate_is_one_shot_db_upgrade_after_postgres(compose: dict[str, Any]) -> None:
@@ -97,6 +97,9 @@ def test_docker_compose_accepts_the_file() -> None:
     env = {**os.environ, "POSTGRES_PASSWORD": "compose-config-check"}
     result = subprocess.run(
         ["docker", "compose", "--profile", "telegram", "--profile", "discord", "config", "--quiet"],
-        cwd=ROOT, env=env, capture_output=True, text=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr

@@ -51,7 +51,9 @@ def test_model_runtime_imports_nothing_else_of_the_project() -> None:
 
 def test_absolute_and_relative_imports_are_resolved() -> None:
     """The checker sees every form of import, so a pass above is not vacuous."""
-    source = "import workers.tasks, os\nfrom bots.render import split\nfrom ..config import Settings\nfrom . import api\n"
+    source = (
+        "import workers.tasks, os\nfrom bots.render import split\nfrom ..config import Settings\nfrom . import api\n"
+    )
     assert imports_of(source, "core.model.llm") == [
         (1, "workers.tasks"),
         (1, "os"),

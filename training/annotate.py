@@ -206,10 +206,10 @@ def build_samples(
 
 def annotate(
     model: CharacterModel, persona: Persona, images: dict[str, Image.Image], *, seed: int = 0,
-    heldout_images: int = 2, on_progress: Callable[[int, int], None] | None = None,
+    heldout_images: int = 2, max_new_tokens: int = 64, on_progress: Callable[[int, int], None] | None = None,
 ) -> Annotation:
     """Caption the images with the model, then build the mixture."""
-    captions = caption_images(model, images, seed=seed, on_progress=on_progress)
+    captions = caption_images(model, images, seed=seed, max_new_tokens=max_new_tokens, on_progress=on_progress)
     return build_samples(persona, captions, seed=seed, heldout_images=heldout_images)
 
 

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from core.model.bagel import Bagel
 from core.model.flow import noise_latents, sample_training_timesteps, velocity_target
-from core.model.llm import GEN, MoTDecoderLayer, Rope
+from core.model.llm import GEN, MoTDecoderLayer, Rope, norm_rope
 from core.model.tokenizer import BagelTokenizer
 from core.model.transforms import VIT_TRANSFORM, flattened_position_ids, patchify
 
@@ -246,18 +246,22 @@ def _attention(layer: MoTDecoderLayer, h_und: Tensor, h_gen: Tensor, rope: Rope,
     """Shared attention over the permuted sequence with per-expert projections; returns ``[L, H*D]``."""
     attn = layer.self_attn
     H, Hk, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    n = h_und.shape[0]
+    spans = {"": (h_und, rope.cos[:, :n], rope.sin[:, :n]), GEN: (h_gen, rope.cos[:, n:], rope.sin[:, n:])}
 
-    def project(h: Tensor, sfx: str) -> tuple[Tensor, Tensor, Tensor]:
-        q = getattr(attn, f"q_norm{sfx}")(getattr(attn, f"q_proj{sfx}")(h).view(-1, H, D).float())
-        k = getattr(attn, f"k_norm{sfx}")(getattr(attn, f"k_proj{sfx}")(h).view(-1, Hk, D).float())
-        return q, k, getattr(attn, f"v_proj{sfx}")(h).view(-1, Hk, D)
+    def project(sfx: str) -> tuple[Tensor, Tensor, Tensor]:
+        h, cos, sin = spans[sfx]
+        q_norm, k_norm = getattr(attn, f"q_norm{sfx}"), getattr(attn, f"k_norm{sfx}")
+        q = getattr(attn, f"q_proj{sfx}")(h).view(1, -1, H, D)
+        k = getattr(attn, f"k_proj{sfx}")(h).view(1, -1, Hk, D)
+        q = norm_rope(q, q_norm.weight, q_norm.eps, cos, sin)  # Q/K norm and RoPE in float32, as inference
+        k = norm_rope(k, k_norm.weight, k_norm.eps, cos, sin)
+        return q, k, getattr(attn, f"v_proj{sfx}")(h).view(1, -1, Hk, D)
 
-    qu, ku, vu = project(h_und, "")
-    qg, kg, vg = project(h_gen, GEN)
-    dtype = h_und.dtype
-    q = rope.apply(torch.cat([qu, qg])[None]).to(dtype).transpose(1, 2)  # [1, H, L, D]
-    k = rope.apply(torch.cat([ku, kg])[None]).to(dtype).transpose(1, 2)  # [1, Hk, L, D]
-    v = torch.cat([vu, vg])[None].transpose(1, 2)
+    (qu, ku, vu), (qg, kg, vg) = project(""), project(GEN)
+    q = torch.cat([qu, qg], dim=1).transpose(1, 2)  # [1, H, L, D]
+    k = torch.cat([ku, kg], dim=1).transpose(1, 2)  # [1, Hk, L, D]
+    v = torch.cat([vu, vg], dim=1).transpose(1, 2)
     # K/V repeated to all heads: SDPA's memory-efficient kernel takes an arbitrary mask but not GQA
     k, v = k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None])

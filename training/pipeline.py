@@ -120,6 +120,7 @@ def run_training(
     check: Callable[[], None] | None = None,
     sft_overrides: dict | None = None,
     eval_config: EvalConfig | None = None,
+    caption_tokens: int = 64,
 ) -> dict:
     """Annotate, train, evaluate and store one character's adapter; returns the Job's result dict."""
     db = sessionmaker
@@ -130,12 +131,13 @@ def run_training(
     emit = _emitter(redis, job_id, settings.event_ttl_s)
     try:
         return _run(job_id, work, settings, db, service, store, emit, load_model, check, sft_overrides or {},
-                    eval_config or EvalConfig())
+                    eval_config or EvalConfig(), caption_tokens)
     except Exception as error:
         with db() as session:
             cancelled = session.scalar(select(Job.state).where(Job.id == job_id)) in (None, JobState.CANCELLED)
         if cancelled:  # the admin's cancel already moved the submission; the checkpoint stays for nothing
             _update(db, work.training_id, state="cancelled")
+            shutil.rmtree(work.work_dir, ignore_errors=True)  # nothing to resume: a cancel is final
             log.info("training job %s stopped: %s", job_id, error)
             raise
         _update(db, work.training_id, state="failed")
@@ -173,7 +175,7 @@ def _free(model: object) -> None:
 def _run(
     job_id: int, work: _Work, settings: Settings, db: sessionmaker[Session], service: Submissions, store: FileStore,
     emit: Callable[[Progress], None], load_model: Callable[[], CharacterModel], check: Callable[[], None],
-    sft_overrides: dict, eval_config: EvalConfig,
+    sft_overrides: dict, eval_config: EvalConfig, caption_tokens: int,
 ) -> dict:
     images = _images(store, work.image_keys)
     model_dir = settings.resolved_model_dir
@@ -183,8 +185,10 @@ def _run(
     else:
         emit(Progress(stage="annotate", step=0, total=len(images)))
         model = load_model()
-        annotation = annotate(model, work.persona, images, seed=int(work.recipe.get("seed", 0)),
-                              on_progress=lambda done, total: (check(), emit(Progress("annotate", done, total))))
+        annotation = annotate(
+            model, work.persona, images, seed=int(work.recipe.get("seed", 0)), max_new_tokens=caption_tokens,
+            on_progress=lambda done, total: (check(), emit(Progress("annotate", done, total))),
+        )
         _free(model)
         write_jsonl(annotation, annotation_path)
     check()

@@ -21,7 +21,9 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -205,6 +207,14 @@ def _shard(forward: TrainingForward) -> None:
     fully_shard(forward, mp_policy=policy)
 
 
+@contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns that it runs without a process group; in one process that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 class _Checkpoints:
     """``work_dir/ckpt-<step>`` directories written by DCP, and a ``latest`` pointer switched atomically."""
 
@@ -221,7 +231,8 @@ class _Checkpoints:
 
     def save(self, step: int, state: dict, losses: list[float]) -> None:
         path = self.root / f"ckpt-{step}"
-        dcp.save(state, checkpoint_id=str(path))
+        with _single_process_quiet():
+            dcp.save(state, checkpoint_id=str(path))
         if _distributed():
             dist.barrier()
         if self.rank == 0:
@@ -283,7 +294,8 @@ def run_sft(
         start, path = latest
         state = {"model": get_model_state_dict(forward, options=options),
                  "optim": get_optimizer_state_dict(forward, optimizer, options=options)}
-        dcp.load(state, checkpoint_id=str(path))
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path))
         loading = StateDictOptions(ignore_frozen_params=True, strict=False)  # the base comes from the model folder
         set_model_state_dict(forward, state["model"], options=loading)
         set_optimizer_state_dict(forward, optimizer, state["optim"], options=loading)
@@ -302,7 +314,7 @@ def run_sft(
         result.total.backward()
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
-        loss = float(result.total)  # a CPU-GPU sync point, once per step for the report
+        loss = float(result.total.detach())  # a CPU-GPU sync point, once per step for the report
         losses.append(loss)
         done_here += 1
         elapsed = time.perf_counter() - began

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -20,12 +22,15 @@ from core.jobs import QUEUE_OF_KIND
 
 __all__ = ["main", "build_parser", "configure_logging", "describe_settings_error", "QUEUES"]
 
-log = logging.getLogger(__name__)
-
 QUEUES: Final = tuple(dict.fromkeys(QUEUE_OF_KIND.values()))  # chat, image, train
-_QUIET: Final = ("httpx", "httpcore", "telegram.ext.ExtBot", "discord.gateway", "discord.http")
-
-Handler = Callable[[argparse.Namespace, Settings], int]
+_QUIET: Final = (
+    "httpx",
+    "httpcore",
+    "telegram.ext.ExtBot",
+    "discord.gateway",
+    "discord.http",
+    "alembic.runtime.plugins",
+)
 
 
 class CliError(Exception):
@@ -52,7 +57,9 @@ def configure_logging(settings: Settings) -> None:
     """Root logging at ``settings.log_level``, noisy HTTP loggers quieted, secrets masked."""
     level = logging.getLevelName(settings.log_level.upper())
     if not isinstance(level, int):
-        raise CliError(f"UNICHAR_LOG_LEVEL: {settings.log_level!r} is not a logging level (DEBUG, INFO, WARNING, ERROR)")
+        raise CliError(
+            f"UNICHAR_LOG_LEVEL: {settings.log_level!r} is not a logging level (DEBUG, INFO, WARNING, ERROR)"
+        )
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"))
     secrets = [s.get_secret_value() for s in (settings.telegram_token, settings.discord_token) if s is not None]
@@ -120,10 +127,18 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _sweeper(args: argparse.Namespace, settings: Settings) -> int:
-    """Re-send jobs left queued past settings.sweep_after_s, every settings.sweep_interval_s."""
-    from workers.sweeper import run_forever
+    """Re-send jobs left queued past settings.sweep_after_s, every settings.sweep_interval_s, until SIGTERM."""
+    from core.db.session import make_engine, make_sessionmaker
+    from workers.sweeper import run_sweeper
+    from workers.tasks import dispatch
 
-    run_forever(settings)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
+    engine = make_engine(settings.sql_url)
+    try:
+        run_sweeper(stop, make_sessionmaker(engine), settings, dispatch)
+    finally:
+        engine.dispose()
     return 0
 
 
@@ -155,9 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unichar", description="UniCharacter role-play bots.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("run", help="start the main job on the configured (or embedded) defaults").set_defaults(
-        handler=_run
-    )
+    sub.add_parser("run", help="start the main job on the configured (or embedded) defaults").set_defaults(handler=_run)
 
     chat = sub.add_parser("chat", help="chat in the terminal, through the same path as the bots")
     chat.add_argument("--user", default="local", help="your user id on the console platform (default: local)")
@@ -193,11 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _hooks() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
     """The sub-command groups other modules own: model, character, admin, discord."""
-    import importlib
-    import importlib.util
+    from bots.discord import cli as discord_cli
+    from unichar import admin_cli, character_cli, model_cli
 
-    names = ("unichar.model_cli", "unichar.character_cli", "unichar.admin_cli", "bots.discord.cli")
-    return [importlib.import_module(n).add_subparsers for n in names if importlib.util.find_spec(n) is not None]
+    return [
+        model_cli.add_subparsers,
+        character_cli.add_subparsers,
+        admin_cli.add_subparsers,
+        discord_cli.add_subparsers,
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -220,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -240,9 +240,16 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 def _prepare_stores(settings: Settings) -> None:
     """Schema up to date; the tiny model written when no model is configured and none is there yet."""
+    from core.characters import list_characters
     from core.db.migrate import upgrade
+    from core.db.session import make_engine, make_sessionmaker
 
     upgrade(settings.sql_url)
+    engine = make_engine(settings.sql_url)
+    with make_sessionmaker(engine)() as session:
+        if not list_characters(session):
+            log.warning("no character is published yet: add one with `unichar character import CARD.png|FOLDER`")
+    engine.dispose()
     if settings.model_dir is None and not settings.resolved_model_dir.exists():
         from core.model.tiny import write_tiny_model
 

@@ -19,17 +19,31 @@ from sqlalchemy import select, update
 
 from core.db import repositories as repo
 from core.db.models import Conversation, Job, utcnow
-from core.jobs import TERMINAL_STATES, Done, Failed, JobEvent, JobKind, JobState, Progress
+from core.jobs import (
+    TERMINAL_STATES,
+    Done,
+    Failed,
+    JobEvent,
+    JobKind,
+    JobState,
+    Progress,
+)
 from core.streams import publish
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
+
+    from sqlalchemy.orm import Session
 
     from workers.context import WorkerContext
 
-__all__ = ["Claim", "Stop", "Superseded", "Cancelled", "TimedOut", "Watch", "claim", "complete", "fail", "emit"]
+__all__ = ["Claim", "JobError", "Stop", "Superseded", "Cancelled", "TimedOut", "Watch", "claim", "complete", "fail", "emit"]
 
 logger = logging.getLogger(__name__)
+
+
+class JobError(Exception):
+    """A failure the user should hear about as is: ``str(error)`` is the message shown."""
 
 
 class Stop(Exception):
@@ -150,20 +164,24 @@ class Watch:
 def complete(
     ctx: WorkerContext,
     claim: Claim,
-    text: str,
+    text: str | None,
     image_keys: Sequence[str] = (),
     result: dict[str, Any] | None = None,
     before_done: Sequence[JobEvent] = (),
+    write: Callable[[Session], None] | None = None,
 ) -> int | None:
     """Store the reply and mark the job done in one transaction, then publish ``before_done`` and Done.
 
+    ``text=None`` stores no reply message; ``write`` adds the job's other effects to the same transaction.
     Returns the reply message id; raises Superseded (writing nothing) when this attempt no longer owns the job.
     """
     with ctx.sessionmaker.begin() as session:
         message_id = None
         conversation = session.get(Conversation, claim.conversation_id) if claim.conversation_id else None
-        if conversation is not None:
+        if conversation is not None and text is not None:
             message_id = repo.add_message(session, conversation, "character", text, image_keys).id
+        if write is not None:
+            write(session)
         done = session.execute(
             update(Job)
             .where(Job.id == claim.job_id, Job.state == JobState.RUNNING, Job.attempts == claim.attempt)

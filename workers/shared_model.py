@@ -22,7 +22,9 @@ logger = logging.getLogger(__name__)
 
 def load_runtime(settings: Settings) -> CharacterModel:
     """The UniCharacter runtime the settings describe."""
-    from core.model.runtime import UniCharacterRuntime  # heavy (torch); imported only where a model is run
+    from core.model.runtime import (
+        UniCharacterRuntime,  # heavy (torch); imported only where a model is run
+    )
 
     logger.info("loading the model from %s on %s", settings.resolved_model_dir, settings.device)
     return UniCharacterRuntime.load(

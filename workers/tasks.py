@@ -11,24 +11,34 @@ import logging
 from collections.abc import Callable
 from typing import Final
 
+from core.chat import Dispatch
 from core.jobs import QUEUE_OF_KIND, Failed, JobKind
 from workers.celery_app import app
 from workers.context import WorkerContext, get_context
-from workers.inference import run_chat, run_image
-from workers.lifecycle import Cancelled, Claim, Superseded, TimedOut, claim, emit, fail
+from workers.inference import FollowUp, run_chat, run_image, run_summary
+from workers.lifecycle import Cancelled, Claim, JobError, Superseded, TimedOut, claim, emit, fail
 
 __all__ = ["RUNNERS", "run_job", "dispatch", "execute"]
 
 logger = logging.getLogger(__name__)
 
-RUNNERS: Final[dict[JobKind, Callable[[WorkerContext, Claim], None]]] = {
+RUNNERS: Final[dict[JobKind, Callable[[WorkerContext, Claim], list[FollowUp]]]] = {
     JobKind.CHAT: run_chat,
     JobKind.IMAGE: run_image,
+    JobKind.SUMMARY: run_summary,
 }
 
 
-def execute(ctx: WorkerContext, job_id: int, redelivered: bool = False) -> None:
-    """Run one delivery of a job: claim, run, complete or fail; duplicates and finished jobs do nothing."""
+def dispatch(job_id: int, kind: JobKind) -> None:
+    """Send the job to its kind's queue (``core.chat.Dispatch``); call after the job row is committed."""
+    run_job.apply_async((job_id,), queue=QUEUE_OF_KIND[kind])
+
+
+def execute(ctx: WorkerContext, job_id: int, redelivered: bool = False, send: Dispatch = dispatch) -> None:
+    """Run one delivery of a job: claim, run, complete or fail; duplicates and finished jobs do nothing.
+
+    Jobs the runner queued (a rolling summary after a reply) are sent with ``send`` after its commit.
+    """
     work = claim(ctx, job_id, redelivered)
     if work is None:
         return
@@ -36,17 +46,27 @@ def execute(ctx: WorkerContext, job_id: int, redelivered: bool = False) -> None:
     try:
         if runner is None:
             raise LookupError(f"no runner for {work.kind.value} jobs in this worker")
-        runner(ctx, work)
+        follow_ups = runner(ctx, work)
     except Superseded:
         logger.info("job %s attempt %s was overtaken; its result is dropped", job_id, work.attempt)
+        return
     except Cancelled:
         logger.info("job %s was cancelled", job_id)
         emit(ctx, job_id, Failed("Cancelled."))
-    except TimedOut as error:
-        fail(ctx, work, str(error), "Sorry, this took too long and was stopped. Please try again.")
+        return
+    except (JobError, TimedOut) as error:
+        message = str(error) if isinstance(error, JobError) else "Sorry, this took too long and was stopped."
+        fail(ctx, work, f"{type(error).__name__}: {error}", message)
+        return
     except Exception as error:
         logger.exception("job %s attempt %s failed", job_id, work.attempt)
         fail(ctx, work, f"{type(error).__name__}: {error}", "Sorry, something went wrong. Please try again.")
+        return
+    for follow_id, kind in follow_ups:
+        try:
+            send(follow_id, kind)
+        except Exception:  # the row is queued: the sweeper sends it later
+            logger.warning("dispatching follow-up job %s failed", follow_id, exc_info=True)
 
 
 @app.task(name="unichar.run_job", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -55,7 +75,3 @@ def run_job(self, job_id: int) -> None:  # type: ignore[no-untyped-def]
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     execute(get_context(), int(job_id), redelivered)
 
-
-def dispatch(job_id: int, kind: JobKind) -> None:
-    """Send the job to its kind's queue (``core.chat.Dispatch``); call after the job row is committed."""
-    run_job.apply_async((job_id,), queue=QUEUE_OF_KIND[kind])

@@ -20,11 +20,17 @@ from bots.discord.intake import read_images
 from bots.discord.routing import PLATFORM
 from bots.discord.voice import NO_PINGS
 from bots.render import DISCORD_LIMIT, split_text
+from core import memory
 from core.chat import Answer, JobQueued, Refusal
 from core.db import repositories as repo
+from core.db.models import Conversation, User
 from core.submissions import Actor, SubmissionError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sqlalchemy.orm import Session
+
     from bots.discord.bot import UniBot
     from core.chat import ChatOutcome
 
@@ -83,8 +89,7 @@ def _guild_manager() -> Any:
     def predicate(interaction: Interaction[Any]) -> bool:
         if interaction.guild is None:
             raise app_commands.CheckFailure("Server settings are set inside a server.")
-        permissions = getattr(interaction.user, "guild_permissions", None)
-        if _is_admin(interaction) or (permissions is not None and permissions.manage_guild):
+        if _is_admin(interaction) or interaction.permissions.manage_guild:  # as Discord resolved them
             return True
         raise app_commands.CheckFailure("Only a bot admin or someone who can manage this server can do that.")
 
@@ -198,6 +203,60 @@ async def status(interaction: Interaction[Any]) -> None:
     if lines:
         text += "\n\nYour characters:\n" + "\n".join(lines)
     await _say(interaction, text)
+
+
+# --- /memory -------------------------------------------------------------------------------------------------
+
+
+def _in_conversation(interaction: Interaction[Any], action: Callable[[Session, Conversation], str]) -> str:
+    """Run a core.memory command on the user's conversation with the character of this channel."""
+    bot = _bot(interaction)
+    with bot.sessions.begin() as session:
+        user = repo.get_or_create_user(session, PLATFORM, str(interaction.user.id), interaction.user.display_name)
+        chat = repo.get_or_create_chat(session, PLATFORM, str(interaction.channel_id), interaction.guild_id is not None)
+        found = repo.resolve_character(session, user, chat, bot.settings.default_character)
+        if found is None:
+            return "⚠️ No character is available yet: an admin has to add one first."
+        return action(session, repo.active_conversation(session, user.id, found.id, chat.id))
+
+
+memory_group = app_commands.Group(name="memory", description="What the character remembers of you")
+
+
+@memory_group.command(name="show")
+async def memory_show(interaction: Interaction[Any]) -> None:
+    """See what the character remembers of you here, numbered for forgetting."""
+    await _say(interaction, await asyncio.to_thread(_in_conversation, interaction, memory.describe_memory))
+
+
+@memory_group.command(name="remember")
+@app_commands.describe(fact="Something the character should always know about you")
+async def memory_remember(interaction: Interaction[Any], fact: app_commands.Range[str, 1, 500]) -> None:
+    """Pin a fact the character keeps about you."""
+    text = await asyncio.to_thread(_in_conversation, interaction, lambda s, c: memory.remember(s, c, fact))
+    await _say(interaction, text)
+
+
+@memory_group.command(name="forget")
+@app_commands.describe(what="A fact's number from /memory show, 'all', 'me', or 'me confirm' (deletes all of you)")
+async def memory_forget(interaction: Interaction[Any], what: app_commands.Range[str, 1, 20]) -> None:
+    """Forget one fact, every fact, or everything of you."""
+    store = _bot(interaction).services.files
+    text = await asyncio.to_thread(_in_conversation, interaction, lambda s, c: memory.forget(s, c, what, store))
+    await _say(interaction, text)
+
+
+@memory_group.command(name="persona")
+@app_commands.describe(text="Who you are, for every character; 'clear' removes it; empty shows it")
+async def memory_persona(interaction: Interaction[Any], text: app_commands.Range[str, 0, 1000] = "") -> None:
+    """Tell the characters who you are."""
+
+    def action(session: Session, conversation: Conversation) -> str:
+        user = session.get(User, conversation.user_id)
+        assert user is not None
+        return memory.persona(session, user, text)
+
+    await _say(interaction, await asyncio.to_thread(_in_conversation, interaction, action))
 
 
 # --- /newcharacter ------------------------------------------------------------------------------------------
@@ -467,7 +526,7 @@ async def settings_show(interaction: Interaction[Any]) -> None:
 
 
 COMMANDS: Final = (
-    character, imagine, reset, status, newcharacter, queue, approve, reject, server_settings,
+    character, imagine, reset, memory_group, status, newcharacter, queue, approve, reject, server_settings,
 )
 
 

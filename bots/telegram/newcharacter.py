@@ -13,6 +13,7 @@ and the reason, and what was already added stays.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
@@ -21,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
 from telegram.ext import BaseHandler, CallbackQueryHandler, CommandHandler, ConversationHandler, MessageHandler, filters
+from telegram.warnings import PTBUserWarning
 
 from bots.telegram.context import BotContext, Services, in_session
 from bots.telegram.incoming import PLATFORM, AlbumCollector, TooLarge, download, is_group, picture_of
@@ -308,28 +310,34 @@ def conversation(services: Services) -> ConversationHandler[BotContext]:
     text = filters.TEXT & ~filters.COMMAND
     picture = filters.PHOTO | filters.Document.ALL
     drafting = private & _Drafting(services.drafting) & ~filters.UpdateType.EDITED
+    # Pictures stay welcome after the last step's question: an eleventh is refused with the reason.
     buttons: list[BaseHandler[Update, BotContext, object]] = [
+        MessageHandler(private & picture, pictures),
         CallbackQueryHandler(consent, pattern=r"^nc:attest:"),
         CallbackQueryHandler(submit, pattern=r"^nc:submit$"),
     ]
-    return ConversationHandler(
-        entry_points=[
-            CommandHandler("newcharacter", begin),
-            MessageHandler(drafting & ~filters.Regex(r"^/cancel\b"), resume),
-            CallbackQueryHandler(resume, pattern=r"^nc:"),
-        ],
-        states={
-            Step.NAME: [MessageHandler(private & text, name)],
-            Step.DESCRIPTION: [MessageHandler(private & text, description)],
-            Step.GREETING: [MessageHandler(private & text, greeting)],
-            Step.IMAGES: [MessageHandler(private & picture, pictures), *buttons],
-            Step.CONSENT: buttons,
-            Step.CONFIRM: buttons,
-        },
-        fallbacks=[
-            CommandHandler("cancel", cancel),
-            CommandHandler("newcharacter", begin),
-            MessageHandler(private & ~filters.COMMAND & ~filters.UpdateType.EDITED, off_topic),
-        ],
-        name="newcharacter",
-    )
+    states: dict[object, list[BaseHandler[Update, BotContext, object]]] = {
+        Step.NAME: [MessageHandler(private & text, name)],
+        Step.DESCRIPTION: [MessageHandler(private & text, description)],
+        Step.GREETING: [MessageHandler(private & text, greeting)],
+        Step.IMAGES: buttons,
+        Step.CONSENT: buttons,
+        Step.CONFIRM: buttons,
+    }
+    with warnings.catch_warnings():
+        # The consent and submit buttons belong to the user's dialog, not to one message: per_message stays off.
+        warnings.filterwarnings("ignore", message="If 'per_message=False'", category=PTBUserWarning)
+        return ConversationHandler(
+            entry_points=[
+                CommandHandler("newcharacter", begin),
+                MessageHandler(drafting & ~filters.COMMAND, resume),
+                CallbackQueryHandler(resume, pattern=r"^nc:"),
+            ],
+            states=states,
+            fallbacks=[
+                CommandHandler("cancel", cancel),
+                CommandHandler("newcharacter", begin),
+                MessageHandler(private & ~filters.COMMAND & ~filters.UpdateType.EDITED, off_topic),
+            ],
+            name="newcharacter",
+        )

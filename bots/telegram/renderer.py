@@ -12,6 +12,7 @@ import contextlib
 import datetime as dt
 import io
 import logging
+import warnings
 from collections.abc import Iterator
 from typing import Final
 
@@ -19,6 +20,7 @@ from PIL import Image
 from telegram import Bot, InlineKeyboardButton, InlineKeyboardMarkup, ReplyParameters
 from telegram.constants import ChatAction
 from telegram.error import BadRequest, ChatMigrated, Forbidden, RetryAfter
+from telegram.warnings import PTBDeprecationWarning
 
 from bots.delivery import Action, MessageGone, RecipientGone, Target
 from bots.render import TELEGRAM_LIMIT, RetryLater, utf16_len
@@ -36,7 +38,9 @@ _MISSING: Final = ("message to edit not found", "message to delete not found", "
 
 def retry_seconds(error: RetryAfter) -> float:
     """A flood wait's length in seconds, whichever type this PTB version reports it in."""
-    value = error.retry_after
+    with warnings.catch_warnings():  # PTB 22 warns that the int form is going away; both forms are handled here
+        warnings.simplefilter("ignore", PTBDeprecationWarning)
+        value = error.retry_after
     return value.total_seconds() if isinstance(value, dt.timedelta) else float(value)
 
 

@@ -253,13 +253,13 @@ class Memory(Base):
 class MessageTerm(Base):
     """One posting of the recall index (core.memory): a term of a message, its count and the message's length.
 
-    A message without terms gets one posting with the empty term, so that every indexed message has a row.
+    Every indexed message also has a posting with the empty term: the index's own record of what it holds.
     """
 
     __tablename__ = "message_terms"
     __table_args__ = (
-        Index("ix_message_terms_lookup", "chat_id", "term", "message_id"),
-        Index("ix_message_terms_chat", "chat_id", "message_id"),
+        # covering: recall reads postings from the index alone
+        Index("ix_message_terms_lookup", "chat_id", "term", "message_id", "conversation_id", "count", "length"),
     )
 
     message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True)

@@ -72,9 +72,7 @@ def published_characters(session: Session) -> Sequence[Character]:
 
 def character_by_name(session: Session, name: str) -> Character | None:
     """The published character called ``name``, ignoring case and surrounding spaces."""
-    query = select(Character).where(
-        func.lower(Character.name) == name.strip().lower(), Character.status == "published"
-    )
+    query = select(Character).where(func.lower(Character.name) == name.strip().lower(), Character.status == "published")
     return session.scalars(query).first()
 
 

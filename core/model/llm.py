@@ -23,7 +23,9 @@ from core.model.attention import attend
 from core.model.config import LLMConfig
 from core.model.kv_cache import CacheSpan, KVCache
 
-__all__ = ["RMSNorm", "Qwen2MLP", "MoTAttention", "MoTDecoderLayer", "Qwen2MoTModel", "Qwen2MoTForCausalLM", "Rope"]
+__all__ = [
+    "RMSNorm", "Qwen2MLP", "MoTAttention", "MoTDecoderLayer", "Qwen2MoTModel", "Qwen2MoTForCausalLM", "Rope", "norm_rope",
+]
 
 GEN = "_moe_gen"  # name suffix of the generation expert's weights
 
@@ -65,10 +67,14 @@ class Rope:
         emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # [B, L, 1, D]
         self.cos, self.sin = emb.cos(), emb.sin()
 
-    def apply(self, x: Tensor) -> Tensor:
-        """Rotate-half RoPE on ``x`` ``[B, L, H, D]`` (float32)."""
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * self.cos + torch.cat([-x2, x1], dim=-1) * self.sin
+
+
+def norm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
+    """Q/K RMSNorm over the head dim, then rotate-half RoPE, in float32 (MODEL.md 2.3); cast back to ``x``'s dtype."""
+    h = x.float()
+    h = weight.float() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))
+    h1, h2 = h.chunk(2, dim=-1)
+    return (h * cos + torch.cat([-h2, h1], dim=-1) * sin).to(x.dtype)
 
 
 def _split(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -102,15 +108,20 @@ class MoTAttention(nn.Module):
             setattr(self, f"o_proj{sfx}", nn.Linear(q_dim, cfg.hidden_size, bias=False))
             setattr(self, f"q_norm{sfx}", RMSNorm(self.head_dim, cfg.rms_norm_eps))
             setattr(self, f"k_norm{sfx}", RMSNorm(self.head_dim, cfg.rms_norm_eps))
+        self.norm_rope = norm_rope  # Qwen2MoTModel.compile_kernels() swaps in a fused version
 
-    def _qk(self, sfx: str) -> Callable[[Tensor], Tensor]:
-        """One expert's Q and K, normed in float32, packed as ``[B, L, H + Hk, D]`` so one route serves both."""
+    def _qk(self, sfx: str, rope: Rope) -> Callable[[Tensor], Tensor]:
+        """One expert's Q and K after its norms and RoPE, packed as ``[B, L, H + Hk, D]`` so one route serves both."""
 
         def project(h: Tensor) -> Tensor:
             B, L, _ = h.shape
-            q = getattr(self, f"q_proj{sfx}")(h).view(B, L, self.num_heads, self.head_dim).float()
-            k = getattr(self, f"k_proj{sfx}")(h).view(B, L, self.num_kv_heads, self.head_dim).float()
-            return torch.cat([getattr(self, f"q_norm{sfx}")(q), getattr(self, f"k_norm{sfx}")(k)], dim=2)
+            q = getattr(self, f"q_proj{sfx}")(h).view(B, L, self.num_heads, self.head_dim)
+            k = getattr(self, f"k_proj{sfx}")(h).view(B, L, self.num_kv_heads, self.head_dim)
+            q_norm, k_norm = getattr(self, f"q_norm{sfx}"), getattr(self, f"k_norm{sfx}")
+            return torch.cat([
+                self.norm_rope(q, q_norm.weight, q_norm.eps, rope.cos, rope.sin),
+                self.norm_rope(k, k_norm.weight, k_norm.eps, rope.cos, rope.sin),
+            ], dim=2)
 
         return project
 
@@ -120,7 +131,7 @@ class MoTAttention(nn.Module):
     ) -> Tensor:
         # h: [B, L, C] (already normed by the layer); returns the attention output before o_proj routing
         B, L, _ = h.shape
-        qk = rope.apply(_route(h, self._qk(""), self._qk(GEN), mixed)).to(h.dtype)  # [B, L, H + Hk, D]
+        qk = _route(h, self._qk("", rope), self._qk(GEN, rope), mixed)  # [B, L, H + Hk, D]
         q, k = qk.transpose(1, 2).split([self.num_heads, self.num_kv_heads], dim=1)  # [B, heads, L, D]
         v = _route(h, self.v_proj, self.v_proj_moe_gen, mixed).view(B, L, self.num_kv_heads, self.head_dim)
         v = v.transpose(1, 2)
@@ -169,11 +180,26 @@ class Qwen2MoTModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def compile_kernels(self) -> None:
+        """Fuse the element-wise work (norms, Q/K norm + RoPE, gated MLP) with ``torch.compile``; GPU use."""
+        fused = torch.compile(norm_rope, dynamic=True)
+        for module in self.modules():
+            if isinstance(module, MoTAttention):
+                module.norm_rope = fused
+            elif isinstance(module, (RMSNorm, Qwen2MLP)):
+                module.compile(dynamic=True)
+
     def forward(
         self, x: Tensor, positions: Tensor, *, cache: KVCache | None = None, span: CacheSpan | None = None,
         causal: bool, mixed: bool = False,
     ) -> Tensor:
-        """Hidden states ``[B, L, C]`` before the final norm; ``positions`` ``[B, L]`` or ``[B, 1]``."""
+        """Hidden states ``[B, L, C]`` before the final norm.
+
+        ``positions`` is ``[B, L]``, or ``[B, 1]`` when the whole input is one image block; a mixed input is always
+        one block, so both experts' tokens share the row's rope id.
+        """
+        if mixed and positions.shape[1] != 1:
+            raise ValueError("a mixed (generation) block has one rope id per row")
         rope = Rope(positions, self.cfg.head_dim, self.cfg.rope_theta)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache, i, span, causal, mixed)

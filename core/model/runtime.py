@@ -4,9 +4,9 @@ Notable:
 - A context is turned into *blocks* (MODEL.md 6, 7): consecutive text segments become one causal und-expert
   prefill of ``<|im_start|> text <|im_end|>`` runs; an image becomes a VAE block (clean latents at t = 0, mixed
   experts) and/or a ViT block (und expert), each framed by the vision markers, non-causal, on one rope id.
-- Text decoding uses a persistent static KV cache and a step of fixed shapes (device-side write index, rope id
-  and key mask), so it can run under ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) when asked. The
-  loop makes one host read per token, the stop check, which also feeds streaming.
+- Text decoding (core.model.decode) uses a persistent static KV cache and a step of fixed shapes, replayed from a
+  CUDA graph on the GPU. The loop makes one host read per token, the stop check, which also feeds streaming.
+- ``compile_kernels=True`` fuses the element-wise work of the decoder with ``torch.compile`` (GPU).
 - Image generation prefills each CFG context into its own cache row, left-padded so that every row's latent
   query sits at the same slice; a denoising step is one forward over all active rows. Outside the CFG interval
   (tested on the shifted t) only the conditional row runs. The schedule's host copy drives those decisions,
@@ -34,6 +34,7 @@ from core.model.api import ImageContexts, ImageParams, ImageSegment, OnProgress,
 from core.model.bagel import Bagel, init_random_
 from core.model.checkpoint import load_bagel, load_vae
 from core.model.config import BagelConfig, from_checkpoint_dir, full_size_config
+from core.model.decode import TextDecoder
 from core.model.flow import cfg_combine, euler_step, guidance_active, timestep_schedule
 from core.model.kv_cache import CacheSpan, KVCache
 from core.model.sampling import mask_padding_rows, sample_next
@@ -55,7 +56,6 @@ __all__ = ["UniCharacterRuntime", "resolve_device", "resolve_dtype"]
 logger = logging.getLogger(__name__)
 
 ADAPTER_LRU_SIZE = 8
-DEFAULT_MAX_CONTEXT = 8192
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -114,7 +114,7 @@ class UniCharacterRuntime:
 
     def __init__(
         self, model: Bagel, vae: AutoEncoder, tokenizer: BagelTokenizer, *,
-        model_dir: Path | None = None, max_context: int = DEFAULT_MAX_CONTEXT, compile_decode: bool = False,
+        model_dir: Path | None = None, cuda_graphs: bool = True, compile_kernels: bool = False,
     ) -> None:
         self.model, self.vae, self.tokenizer = model, vae, tokenizer
         self.cfg: BagelConfig = model.cfg
@@ -123,11 +123,9 @@ class UniCharacterRuntime:
         self._lock = threading.Lock()
         self._adapters: OrderedDict[str, lora.Adapter] = OrderedDict()
         self._lora_attached = False
-        self._text_cache = self._new_cache(rows=1, capacity=max_context)
-        self._step = torch.compile(self._decode_step, mode="reduce-overhead") if compile_decode else self._decode_step
-        if compile_decode:
-            for t in (self._text_cache.k, self._text_cache.v):
-                torch._dynamo.mark_static_address(t)
+        self._decoder = TextDecoder(model, cuda_graphs=cuda_graphs)
+        if compile_kernels:
+            model.language_model.model.compile_kernels()
 
     # --- construction -------------------------------------------------------------------------------------
 
@@ -284,15 +282,6 @@ class UniCharacterRuntime:
 
     # --- text ---------------------------------------------------------------------------------------------
 
-    def _decode_step(self, token: Tensor, rope: Tensor, write: Tensor, key_mask: Tensor) -> Tensor:
-        """Logits after one token; every shape is fixed, so the step can be captured as a CUDA graph."""
-        cache = self._text_cache
-        span = CacheSpan(rows=slice(0, 1), start=0, write=write, end=cache.capacity, key_mask=key_mask)
-        hidden = self.model.language_model.model(
-            self.model.embed_text(token), rope, cache=cache, span=span, causal=True
-        )
-        return self.model.language_model.logits(hidden[:, -1]).clone()
-
     def generate_text(
         self, context: Sequence[Segment], params: TextParams, on_text: OnText | None = None, adapter: str | None = None,
     ) -> str:
@@ -309,30 +298,21 @@ class UniCharacterRuntime:
         gen = self._generator(params.seed)
         blocks = self._blocks(context, gen, {})
         length = sum(b.length for b in blocks)
-        need = length + 1 + params.max_new_tokens
-        if need > self._text_cache.capacity:
-            if self._step is not self._decode_step:
-                raise ValueError(f"context needs {need} cache positions, more than the {self._text_cache.capacity} set")
-            self._text_cache = self._new_cache(rows=1, capacity=need)
-        done = self._prefill(blocks, self._text_cache, row=0, offset=0)
-        eos = self.tokenizer.special.eos
+        decoder = self._decoder
+        done = self._prefill(blocks, decoder.reserve(length + 1 + params.max_new_tokens), row=0, offset=0)
         # decoding starts by feeding <|im_start|> (the official prepare_start_tokens)
-        token = torch.tensor([[self.tokenizer.special.bos]], device=self.device)
-        rope = torch.tensor([[done.rope]], device=self.device)
-        write = torch.tensor([length], device=self.device)
-        key_mask = torch.zeros(1, self._text_cache.capacity, dtype=torch.bool, device=self.device)
-        key_mask[:, :length] = True
+        decoder.start(length, self.tokenizer.special.bos, done.rope)
+        eos = self.tokenizer.special.eos
         ids: list[int] = []
         streamed = ""
         for _ in range(params.max_new_tokens):
-            key_mask.index_fill_(1, write, True)
-            logits = mask_padding_rows(self._step(token, rope, write, key_mask), self.tokenizer.size)
+            logits = mask_padding_rows(decoder.step(), self.tokenizer.size)
             nxt = sample_next(logits, temperature=params.temperature, top_p=params.top_p, generator=gen)
             token_id = int(nxt)  # the one host sync per token: the stop check, which also feeds streaming
             if token_id == eos:
                 break
             ids.append(token_id)
-            token, rope, write = nxt.view(1, 1), rope + 1, write + 1
+            decoder.advance(nxt)
             text = self.tokenizer.decode(ids)
             if on_text is not None and not text.endswith("\ufffd") and text.startswith(streamed) and text != streamed:
                 on_text(text[len(streamed):])

@@ -13,6 +13,7 @@ from bots.render import (
     format_eta,
     progress_text,
     split_text,
+    strip_control,
     take_chunk,
     utf16_len,
 )
@@ -209,3 +210,7 @@ def test_take_chunk_streams_like_split() -> None:
         offset += used - len(carry)
         carry = next_carry
     assert chunks == split_text(text, 100)
+
+
+def test_strip_control_keeps_lines_and_tabs() -> None:
+    assert strip_control("a\x00b\tc\nd\x1b[0m") == "ab\tc\nd[0m"

@@ -54,7 +54,7 @@ class World:
     def conversation(self, user: User, character: Character, chat: Chat) -> Conversation:
         return self._add(Conversation(user_id=user.id, character_id=character.id, chat_id=chat.id))
 
-    def say(self, conversation: Conversation, text_: str, role: str = "user", images: list[str] | None = None) -> Message:
+    def say(self, conversation: Conversation, text_: str, role: str = "user", images: list[str] | None = None) -> Any:
         return self._add(
             Message(conversation_id=conversation.id, chat_id=conversation.chat_id, role=role, text=text_,
                     image_keys=images or [])

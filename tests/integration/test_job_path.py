@@ -17,7 +17,16 @@ from sqlalchemy import select
 
 from core.chat import JobQueued
 from core.db.models import Job, Message
-from core.jobs import Attachment, Done, Failed, ImageReady, JobKind, JobState, Progress, TextDelta
+from core.jobs import (
+    Attachment,
+    Done,
+    Failed,
+    ImageReady,
+    JobKind,
+    JobState,
+    Progress,
+    TextDelta,
+)
 from core.model.api import ImageSegment
 from core.streams import follow, follow_sync
 from tests.conftest import STREAM_DB, redis_db

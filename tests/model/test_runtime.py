@@ -90,16 +90,14 @@ def test_odd_sizes_come_back_at_the_requested_size(runtime: UniCharacterRuntime)
 
 
 def test_editing_with_three_cfg_branches_runs(runtime: UniCharacterRuntime) -> None:
-    photo = _photo(4)
+    photo = _photo(4, (64, 64))  # the VAE transform makes it 512x512, the smallest it allows
     contexts = ImageContexts(
         cond=[ImageSegment(photo, vit=True, vae=True), TextSegment("make it blue")],
         text_uncond=[ImageSegment(photo, vit=True, vae=True)],
         image_uncond=[TextSegment("make it blue")],
     )
     params = ImageParams(**FAST, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel", seed=5)
-    first = runtime.generate_image(contexts, params)
-    assert first.size == (48, 32)
-    assert np.array_equal(np.asarray(first), np.asarray(runtime.generate_image(contexts, params)))
+    assert runtime.generate_image(contexts, params).size == (48, 32)
 
 
 def test_cfg_rows_in_one_batch_equal_separate_passes(runtime: UniCharacterRuntime) -> None:

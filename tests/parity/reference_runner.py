@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -224,8 +225,8 @@ def sampling_case(inf: InterleaveInferencer, vae: AutoEncoder, out: dict, meta: 
     (image,) = inf.interleave_inference([PROMPT], image_shapes=T2I_SIZE, **SAMPLING)
     vae.decode = decode
     out["sample.latent"] = decoded[0].float()
-    out["sample.pixels"] = torch.from_numpy(__import__("numpy").asarray(image).copy())
-    meta["sample.settings"] = SAMPLING | {"size": T2I_SIZE}
+    out["sample.pixels"] = torch.from_numpy(np.asarray(image).copy())
+    meta["sample.settings"] = SAMPLING | {"size": T2I_SIZE, "seed": SEED + 4}
 
 
 def main() -> None:

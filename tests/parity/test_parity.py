@@ -18,9 +18,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from core.model.api import ImageContexts, ImageParams, TextParams, TextSegment
 from core.model.kv_cache import CacheSpan
@@ -39,8 +40,10 @@ pytestmark = pytest.mark.skipif(
     reason="set BAGEL_REFERENCE_DIR (an official Bagel checkout) and BAGEL_REFERENCE_PYTHON (its interpreter)",
 )
 
-# (atol, rtol) per dtype of the project's model: the reference itself rounds through bf16 everywhere.
-TOLERANCE = {torch.float32: (3e-2, 3e-2), torch.bfloat16: (6e-2, 6e-2)}
+# Allowed max abs difference as a fraction of the reference's largest magnitude (times the CFG gain): the reference
+# rounds through bf16 everywhere, so about 1% is its own noise; a wrong rope id, time or context moves outputs by
+# 5% to 50% on the unit-gain weights.
+RELATIVE_TOLERANCE = 2e-2
 
 
 @dataclass(frozen=True)
@@ -49,9 +52,38 @@ class Reference:
     meta: dict
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("tiny"), seed=0)
+def redraw_unit_gain(path: Path, seed: int) -> None:
+    """Re-draw ``ema.safetensors`` so every path moves the outputs: unit-gain matrices, random norm scales.
+
+    The tiny model's std-0.02 init leaves the residual stream dominated by the embeddings; its velocities then
+    barely depend on t or on the prompt, so a wrong time embedding or context would pass unnoticed. Norm scales
+    are drawn around 1 so that using the other expert's norm shows. The sin-cos tables stay as they are.
+    """
+    state = load_file(str(path))
+    gen = torch.Generator().manual_seed(seed)
+    redrawn = {}
+    for name, t in sorted(state.items()):
+        if name.endswith("pos_embed"):
+            redrawn[name] = t
+            continue
+        if t.ndim == 2:  # Linear [out, in], or an embedding table [rows, dim]
+            std = 1.0 if "embed_tokens" in name or "position_embedding" in name else t.shape[1] ** -0.5
+            new = torch.randn(t.shape, generator=gen) * std
+        elif "norm" in name and name.endswith("weight"):
+            new = 1 + 0.3 * torch.randn(t.shape, generator=gen)
+        else:  # biases
+            new = 0.1 * torch.randn(t.shape, generator=gen)
+        redrawn[name] = new.to(t.dtype).contiguous()
+    save_file(redrawn, str(path))
+
+
+@pytest.fixture(scope="module", params=["tiny", "unit-gain"])
+def model_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model as written, and the same folder with unit-gain weights (see :func:`redraw_unit_gain`)."""
+    directory = write_tiny_model(tmp_path_factory.mktemp(request.param), seed=0)
+    if request.param == "unit-gain":
+        redraw_unit_gain(directory / "ema.safetensors", seed=1)
+    return directory
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +104,16 @@ def runtime(request: pytest.FixtureRequest, model_dir: Path) -> UniCharacterRunt
     return UniCharacterRuntime.load(model_dir, device="cpu", dtype=request.param)
 
 
-def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
-    """Assert closeness at the dtype's tolerance and print max/mean absolute differences."""
+def compare(name: str, ours: torch.Tensor, ref: torch.Tensor, rt: UniCharacterRuntime, gain: float = 1.0) -> None:
+    """Assert ``max|ours - ref| <= 2% * gain * max|ref|`` and print max/mean absolute differences."""
     ours, ref = ours.float().cpu(), ref.float().cpu()
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} vs reference {tuple(ref.shape)}"
-    diff = (ours - ref).abs()
-    line = (f"{name} [{str(dtype).removeprefix('torch.')}]: max abs diff {diff.max():.3e}, "
-            f"mean abs diff {diff.mean():.3e}, max |ref| {ref.abs().max():.3e}")
+    diff, scale = (ours - ref).abs(), float(ref.abs().max())
+    variant = f"{rt.model_dir.name.rstrip('0123456789')}, {str(rt.dtype).removeprefix('torch.')}"
+    line = (f"{name} [{variant}]: max abs diff {diff.max():.3e} "
+            f"({float(diff.max()) / scale:.2%} of max |ref| {scale:.3e}), mean abs diff {diff.mean():.3e}")
     print(line)
-    atol, rtol = TOLERANCE[dtype]
-    torch.testing.assert_close(ours, ref, atol=atol * scale, rtol=rtol, msg=lambda m: f"{line}\n{m}")
+    torch.testing.assert_close(ours, ref, atol=RELATIVE_TOLERANCE * gain * scale, rtol=0, msg=lambda m: f"{line}\n{m}")
 
 
 def _forward(rt: UniCharacterRuntime, x: torch.Tensor, rope: int, cache, span: CacheSpan, *, text: bool,
@@ -127,9 +159,9 @@ def test_text_logits(runtime: UniCharacterRuntime, reference: Reference) -> None
     with torch.inference_mode():
         hidden = rt.model.language_model.model(rt.model.embed_text(torch.tensor([ids])), torch.arange(len(ids))[None],
                                                causal=True)
-        compare("text prefill logits", rt.model.language_model.logits(hidden)[0], ref["text.prefill_logits"], rt.dtype)
+        compare("text prefill logits", rt.model.language_model.logits(hidden)[0], ref["text.prefill_logits"], rt)
         decoded = teacher_forced_logits(rt, [_TextBlock(ids)], meta["text.decode_ids"])
-    compare("text decode logits (teacher-forced, cached)", decoded, ref["text.decode_logits"], rt.dtype)
+    compare("text decode logits (teacher-forced, cached)", decoded, ref["text.decode_logits"], rt)
 
 
 def test_greedy_first_token(runtime: UniCharacterRuntime, reference: Reference) -> None:
@@ -148,9 +180,9 @@ def test_vit_features(runtime: UniCharacterRuntime, reference: Reference) -> Non
     cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
     tokens, pos = torch.cat([b.tokens for b in blocks]), torch.cat([b.position_ids for b in blocks])
     with torch.inference_mode():
-        compare("ViT features (2 packed images)", rt.model.vit_model(tokens, cu, pos), ref["vit.features"], rt.dtype)
+        compare("ViT features (2 packed images)", rt.model.vit_model(tokens, cu, pos), ref["vit.features"], rt)
         embeds = rt.model.embed_vit(tokens, cu, pos, int(lens.max()))
-    compare("ViT block LLM inputs (connector + sin-cos)", embeds, ref["vit.llm_inputs"], rt.dtype)
+    compare("ViT block LLM inputs (connector + sin-cos)", embeds, ref["vit.llm_inputs"], rt)
 
 
 def test_vqa_logits(runtime: UniCharacterRuntime, reference: Reference) -> None:
@@ -158,7 +190,7 @@ def test_vqa_logits(runtime: UniCharacterRuntime, reference: Reference) -> None:
     blocks = [vit_block(rt, ref["vit.image0"]), _TextBlock(rt.tokenizer.segment(meta["question"]))]
     with torch.inference_mode():
         logits = teacher_forced_logits(rt, blocks, meta["vqa.decode_ids"])
-    compare("VQA decode logits (ViT block + question)", logits, ref["vqa.decode_logits"], rt.dtype)
+    compare("VQA decode logits (ViT block + question)", logits, ref["vqa.decode_logits"], rt)
 
 
 def velocity(rt: UniCharacterRuntime, plans: list[list], x_t: torch.Tensor, grid: tuple[int, int], t: float) -> torch.Tensor:
@@ -184,10 +216,11 @@ def test_t2i_velocity_with_cfg(runtime: UniCharacterRuntime, reference: Referenc
     plans = [[_TextBlock(rt.tokenizer.segment(meta["prompt"]))], []]  # cond, text-uncond (empty context)
     with torch.inference_mode():
         v = velocity(rt, plans, ref["flow.t2i.x_t"], grid, meta["flow_t"])
-    compare("T2I velocity, cond branch", v[0], ref["flow.t2i.v_cond"], rt.dtype)
+    compare("T2I velocity, cond branch", v[0], ref["flow.t2i.v_cond"], rt)
     for renorm in ("global", "channel"):
         guided = cfg_combine(v[0], v[1], None, 4.0, 1.0, renorm, 0.0)
-        compare(f"T2I velocity, CFG text 4.0 ({renorm} renorm)", guided, ref[f"flow.t2i.v_cfg_{renorm}"], rt.dtype)
+        compare(f"T2I velocity, CFG text 4.0 ({renorm} renorm)", guided, ref[f"flow.t2i.v_cfg_{renorm}"], rt,
+                gain=4.0)
 
 
 def test_edit_velocity_with_cfg(runtime: UniCharacterRuntime, reference: Reference) -> None:
@@ -203,10 +236,11 @@ def test_edit_velocity_with_cfg(runtime: UniCharacterRuntime, reference: Referen
         grid = tuple(s // 16 for s in meta["edit_size"])
         v = velocity(rt, plans, ref["flow.edit.x_t"], grid, meta["flow_t"])
     cfg = meta["edit_cfg"]
-    compare("edit velocity, cond branch", v[0], ref["flow.edit.v_cond"], rt.dtype)
+    compare("edit velocity, cond branch", v[0], ref["flow.edit.v_cond"], rt)
     guided = cfg_combine(v[0], v[1], v[2], cfg["cfg_text_scale"], cfg["cfg_img_scale"], cfg["cfg_renorm_type"],
                          cfg["cfg_renorm_min"])
-    compare("edit velocity, CFG text 4.0 image 2.0 (text_channel)", guided, ref["flow.edit.v_cfg"], rt.dtype)
+    compare("edit velocity, CFG text 4.0 image 2.0 (text_channel)", guided, ref["flow.edit.v_cfg"], rt,
+            gain=cfg["cfg_text_scale"] * cfg["cfg_img_scale"])
 
 
 def test_short_text_to_image_sampling(runtime: UniCharacterRuntime, reference: Reference) -> None:
@@ -215,10 +249,11 @@ def test_short_text_to_image_sampling(runtime: UniCharacterRuntime, reference: R
     params = ImageParams(
         width=s["size"][1], height=s["size"][0], num_timesteps=s["num_timesteps"], timestep_shift=s["timestep_shift"],
         cfg_text_scale=s["cfg_text_scale"], cfg_img_scale=s["cfg_img_scale"], cfg_interval=tuple(s["cfg_interval"]),
-        cfg_renorm_min=s["cfg_renorm_min"], cfg_renorm_type=s["cfg_renorm_type"], seed=1234 + 4,
+        cfg_renorm_min=s["cfg_renorm_min"], cfg_renorm_type=s["cfg_renorm_type"], seed=s["seed"],
     )
-    noise = torch.randn(1, *reference.tensors["sample.init_noise"].shape, generator=torch.Generator().manual_seed(1238))
+    # the runtime draws its initial noise as torch.randn([1, N, 64]) from a generator seeded with the request's seed
+    noise = torch.randn(1, *reference.tensors["sample.init_noise"].shape, generator=torch.Generator().manual_seed(s["seed"]))
     assert torch.equal(noise[0], reference.tensors["sample.init_noise"]), "the runtime's noise draw changed"
     image = runtime.generate_image(ImageContexts(cond=[TextSegment(reference.meta["prompt"])]), params)
-    pixels = torch.from_numpy(__import__("numpy").asarray(image).copy()).float()
-    compare("T2I sampling, final pixels (0-255)", pixels, reference.tensors["sample.pixels"], runtime.dtype, scale=255)
+    pixels = torch.from_numpy(np.asarray(image).copy()).float()
+    compare("T2I sampling, final pixels (0-255)", pixels, reference.tensors["sample.pixels"], runtime)

@@ -1,8 +1,8 @@
-"""Fixtures of the Discord tests: stores, the worker path, the loopback fake and a running bot.
+"""Fixtures of the Discord tests: the real job path, the loopback fake and a running bot.
 
 The bot is the real ``UniBot`` logged in to :class:`FakeDiscord` (REST base and gateway URL pointed at loopback).
-Jobs run through the worker's own code (``workers.tasks.execute``: claim, model, events, stored reply) on a
-thread, with the ``EchoModel`` double behind the ``CharacterModel`` interface.
+Jobs go through the session's real Celery worker (``live`` in tests/conftest.py) with a model behind the
+``CharacterModel`` interface: the ``EchoModel`` double, or the tiny random model.
 """
 
 from __future__ import annotations
@@ -10,15 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import discord
 import pytest
-import redis
 import yarl
 from PIL import Image
 from redis.asyncio import Redis as AsyncRedis
@@ -27,101 +24,43 @@ from sqlalchemy.orm import Session, sessionmaker
 from bots.discord.app import services
 from bots.discord.bot import UniBot
 from core.config import Settings
-from core.db.models import Base, Character
-from core.db.session import make_engine, make_sessionmaker
+from core.db.models import Character
 from core.jobs import JobKind
 from tests.bots.discord.fake_discord import FakeDiscord
-from tests.doubles import EchoModel
+from tests.conftest import STREAM_DB, redis_db
 
-REDIS_URL = "redis://127.0.0.1:6379/14"  # this suite's own database; flushed per test
 ADMIN_ID = 940000000000000001
 USER_ID = 940000000000000002
 OTHER_ID = 940000000000000003
 
 
-def _redis_up() -> bool:
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=0.5)
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
+@dataclass
+class Stack:
+    """What a Discord test runs on: the bot's settings and stores, and the running worker's dispatch."""
+
+    settings: Settings
+    sessions: sessionmaker[Session]
+    stream_url: str  # the Redis database the worker publishes job events to
+    dispatch: Callable[[int, JobKind], None]
+    live: Any  # tests.conftest.Live: the worker's context and model double
 
 
 @pytest.fixture
-def redis_url() -> Iterator[str]:
-    """A clean Redis database; the test is skipped when no Redis answers on loopback."""
-    if not _redis_up():
-        pytest.skip("Redis is not running on 127.0.0.1:6379")
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield REDIS_URL
-    client.flushdb()
-    client.close()
-
-
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        data_dir=tmp_path,
-        redis_url=REDIS_URL,
-        admin_ids=[f"discord:{ADMIN_ID}"],
-        image_width=64,
-        image_height=64,
-        image_steps=3,
-        max_upload_bytes=64 * 1024,
-        discord_token="fake-token",  # type: ignore[arg-type]
+def stack(live: Any, redis_url: str) -> Stack:
+    """The session's Celery worker with an EchoModel, two characters, and bot settings on the same stores."""
+    settings = live.settings.model_copy(
+        update={
+            "admin_ids": [f"discord:{ADMIN_ID}"],
+            "max_upload_bytes": 64 * 1024,
+            "image_width": 64,
+            "image_height": 64,
+            "image_steps": 3,
+        }
     )
-
-
-@pytest.fixture
-def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(settings.sql_url)
-    Base.metadata.create_all(engine)
-    maker = make_sessionmaker(engine)
-    with maker.begin() as session:
+    with live.sessionmaker.begin() as session:
         session.add(Character(name="Alice", description="A cheerful sailor.", greeting="Ahoy!"))
         session.add(Character(name="Vex", description="An adults-only character.", nsfw=True))
-    yield maker
-    engine.dispose()
-
-
-@dataclass
-class Worker:
-    """Runs dispatched jobs through the worker's code on threads."""
-
-    model: EchoModel
-    dispatch: Callable[[int, JobKind], None]
-    threads: list[threading.Thread]
-
-    def join(self) -> None:
-        for thread in self.threads:
-            thread.join(timeout=60)
-
-
-@pytest.fixture
-def worker(settings: Settings, sessions: sessionmaker[Session], redis_url: str) -> Iterator[Worker]:
-    from workers.context import WorkerContext
-    from workers.shared_model import SharedModel
-    from workers.tasks import execute
-    from core.media import FileStore
-
-    model = EchoModel()
-    ctx = WorkerContext(settings, sessions, redis.Redis.from_url(redis_url), FileStore(settings.files_dir),
-                        SharedModel(lambda: model))
-    threads: list[threading.Thread] = []
-
-    def dispatch(job_id: int, kind: JobKind) -> None:
-        thread = threading.Thread(target=execute, args=(ctx, job_id), daemon=True)
-        threads.append(thread)
-        thread.start()
-
-    yield Worker(model, dispatch, threads)
-    for thread in threads:
-        thread.join(timeout=60)
-    ctx.redis.close()
+    return Stack(settings, live.sessionmaker, redis_db(redis_url, STREAM_DB), live.dispatch, live)
 
 
 @contextlib.contextmanager
@@ -137,16 +76,14 @@ def pointed_at(fake: FakeDiscord) -> Iterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def running_bot(
-    settings: Settings, sessions: sessionmaker[Session], worker: Worker, fake: FakeDiscord | None = None
-) -> AsyncIterator[tuple[FakeDiscord, UniBot]]:
+async def running_bot(stack: Stack, fake: FakeDiscord | None = None) -> AsyncIterator[tuple[FakeDiscord, UniBot]]:
     """The real bot, connected to a fake Discord (a new one unless given), until the block ends."""
     own = fake is None
     if fake is None:
         fake = FakeDiscord()
         await fake.start()
-    aredis = AsyncRedis.from_url(settings.redis_url)
-    bot = UniBot(services(settings, sessions, aredis, worker.dispatch), notify_interval_s=0.2)
+    aredis = AsyncRedis.from_url(stack.stream_url)
+    bot = UniBot(services(stack.settings, stack.sessions, aredis, stack.dispatch), notify_interval_s=0.2)
     with pointed_at(fake):
         runner = asyncio.create_task(bot.start("fake-token"))
         try:

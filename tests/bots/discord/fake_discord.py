@@ -10,6 +10,7 @@ with their edits so that tests read what a user would see. :meth:`fail_next` inj
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import re
@@ -211,6 +212,8 @@ class FakeDiscord:
         if guild:
             data["guild_id"] = str(GUILD_ID)
             data["member"] = {"roles": [], "joined_at": TIMESTAMP, "deaf": False, "mute": False, "flags": 0}
+        else:  # a DM channel, known from now on
+            self.channels.setdefault(channel_id, {"id": str(channel_id), "type": 1, "recipients": [author]})
         if reference is not None:
             data["message_reference"] = {"message_id": str(reference.id), "channel_id": str(reference.channel_id)}
             data["referenced_message"] = reference.payload
@@ -225,6 +228,7 @@ class FakeDiscord:
         channel_id: int = CHANNEL_ID,
         guild: bool = True,
         message: Posted | None = None,
+        permissions: int = ALL_PERMISSIONS,
     ) -> dict[str, Any]:
         """An INTERACTION_CREATE payload: ``kind`` 2 is a slash command, 3 a component, 4 autocomplete."""
         channel = self.channels.get(channel_id, {"id": str(channel_id), "type": 1})
@@ -240,6 +244,7 @@ class FakeDiscord:
             "app_permissions": str(self.bot_permissions),
             "locale": "en-US",
             "entitlements": [],
+            "attachment_size_limit": 10 * 1024 * 1024,
             "authorizing_integration_owners": {},
             "context": 0 if guild else 1,
         }
@@ -253,7 +258,7 @@ class FakeDiscord:
                 "deaf": False,
                 "mute": False,
                 "flags": 0,
-                "permissions": str(ALL_PERMISSIONS),
+                "permissions": str(permissions),
             }
         else:
             payload["user"] = user
@@ -268,7 +273,9 @@ class FakeDiscord:
         async def _wait() -> Any:
             async with self._changed:
                 while not (result := predicate()):
-                    await self._changed.wait()
+                    # woken by each request, and every so often for conditions outside the fake (SQL rows)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), 0.1)
                 return result
 
         try:
@@ -429,7 +436,12 @@ class FakeDiscord:
                 self.channels.setdefault(dm_id, {"id": str(dm_id), "type": 1})
                 recipient = user_payload(int(body["recipient_id"]), "someone")
                 return _json({"id": str(dm_id), "type": 1, "recipients": [recipient]})
+            case ("GET", ["channels", cid]):
+                channel = self.channels.get(int(cid))
+                return _json(channel) if channel else _json({"message": "Unknown Channel", "code": 10003}, 404)
             case ("POST", ["channels", cid, "typing"]):
+                if missing := self._channel_or_404(cid):
+                    return missing
                 self.typing.append(int(cid))
                 return web.Response(status=204)
             case ("GET", ["channels", cid, "webhooks"]):

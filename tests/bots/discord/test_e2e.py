@@ -45,9 +45,9 @@ async def _wait_text(fake: FakeDiscord, startswith: str, channel: int = CHANNEL_
     return await fake.wait_until(found)
 
 
-def test_mention_gets_a_streamed_webhook_reply(settings, sessions, worker) -> None:
+def test_mention_gets_a_streamed_webhook_reply(stack) -> None:
     async def body() -> None:
-        async with running_bot(settings, sessions, worker) as (fake, bot):
+        async with running_bot(stack) as (fake, bot):
             event = fake.message_event(f"<@{BOT_ID}> hello there @everyone", author=USER, mentions=[BOT])
             await fake.dispatch("MESSAGE_CREATE", event)
             reply = await _wait_text(fake, "echo:", via="webhook")
@@ -62,7 +62,7 @@ def test_mention_gets_a_streamed_webhook_reply(settings, sessions, worker) -> No
             await fake.wait_until(lambda: len(fake.in_channel(CHANNEL_ID, via="webhook")) >= 2)
             await bot.deliveries.wait_all()
             assert len(fake.calls("POST", r"/channels/\d+/webhooks")) == 1
-        with sessions() as session:
+        with stack.sessions() as session:
             jobs = session.scalars(select(Job)).all()
             assert jobs and all(job.delivered_at is not None for job in jobs)
 
@@ -91,9 +91,9 @@ async def _imagine(fake: FakeDiscord, bot: Any, prompt: str = "a boat at dusk") 
     return image
 
 
-def test_imagine_delivers_an_image_with_buttons_only_the_requester_can_press(settings, sessions, worker) -> None:
+def test_imagine_delivers_an_image_with_buttons_only_the_requester_can_press(stack) -> None:
     async def body() -> None:
-        async with running_bot(settings, sessions, worker) as (fake, bot):
+        async with running_bot(stack) as (fake, bot):
             image = await _imagine(fake, bot)
             assert image.via == "webhook" and image.username == "Alice"
             data = next(iter(image.files.values()))
@@ -120,8 +120,275 @@ def test_imagine_delivers_an_image_with_buttons_only_the_requester_can_press(set
             await fake.dispatch("INTERACTION_CREATE", press)
             answer = await fake.wait_until(lambda: fake.callbacks.get(press["token"]))
             assert answer["type"] == 7 and image.payload["components"] == []
-        with sessions() as session:
+        with stack.sessions() as session:
             job = session.scalars(select(Job).where(Job.kind == "image")).one()
             assert job.delivery["accepted_by"] == str(USER_ID) and job.delivered_at is not None
+
+    run(body())
+
+
+def _newcharacter(fake: FakeDiscord, images: list[bytes], name: str = "Mira") -> dict[str, Any]:
+    """A /newcharacter interaction with ``images`` as its attachment options."""
+    options = [
+        _opt("name", name),
+        _opt("description", "A lighthouse keeper who speaks in short, salty sentences."),
+        _opt("greeting", "Mind the rocks."),
+        _opt("consent", True, kind=5),
+    ]
+    resolved: dict[str, Any] = {}
+    for number, data in enumerate(images, start=1):
+        attachment = fake.add_attachment(f"mira{number}.png", data, "image/png")
+        resolved[attachment["id"]] = attachment
+        options.append(_opt(f"image{number}", attachment["id"], kind=11))
+    command = _command("newcharacter", *options)
+    command["resolved"] = {"attachments": resolved}
+    return fake.interaction_event(user=USER, data=command)
+
+
+async def _followup(fake: FakeDiscord, event: dict[str, Any]) -> str:
+    posted = await fake.wait_until(
+        lambda: [m for m in fake.interaction_messages(event["token"]) if not m.payload.get("_deferred")]
+    )
+    return posted[-1].content
+
+
+def test_newcharacter_accepts_ten_images_and_refuses_nine(stack) -> None:
+    async def body() -> None:
+        async with running_bot(stack) as (fake, _bot):
+            nine = _newcharacter(fake, [png(seed=n) for n in range(9)])
+            await fake.dispatch("INTERACTION_CREATE", nine)
+            answer = await _followup(fake, nine)
+            assert "Nothing was submitted" in answer and "10 images (it has 9)" in answer
+            with stack.sessions() as session:
+                assert session.scalars(select(CharacterSubmission)).all() == []  # nothing kept
+
+            ten = _newcharacter(fake, [png(seed=n) for n in range(10)])
+            await fake.dispatch("INTERACTION_CREATE", ten)
+            answer = await _followup(fake, ten)
+            assert "is submitted" in answer
+            assert fake.callbacks[ten["token"]]["data"]["flags"] & 64  # private to the submitter
+        with stack.sessions() as session:
+            submission = session.scalars(select(CharacterSubmission)).one()
+            assert (submission.name, submission.state, len(submission.images)) == ("Mira", "pending", 10)
+            assert submission.consent_attested
+
+    run(body())
+
+
+def _mention(fake: FakeDiscord, text: str = "hi", **kwargs: Any) -> dict[str, Any]:
+    kwargs.setdefault("author", USER)
+    return fake.message_event(f"<@{BOT_ID}> {text}", mentions=[BOT], **kwargs)
+
+
+def _bot_replies(fake: FakeDiscord, channel: int = CHANNEL_ID) -> list[Posted]:
+    return [m for m in fake.in_channel(channel, via="bot") if m.content]
+
+
+def _jobs(sessions: Any) -> list[Job]:
+    with sessions() as session:
+        return list(session.scalars(select(Job).order_by(Job.id)))
+
+
+def test_bad_attachments_get_a_clear_answer_and_nothing_is_stored(stack) -> None:
+    async def body() -> None:
+        async with running_bot(stack) as (fake, bot):
+            attachments = [
+                fake.add_attachment("notes.txt", b"just text", "text/plain"),
+                fake.add_attachment("huge.png", png((400, 400), seed=3) + b"\0" * 70_000, "image/png"),
+                fake.add_attachment("broken.png", b"\x89PNG\r\n\x1a\n" + b"garbage" * 50, "image/png"),
+            ]
+            await fake.dispatch("MESSAGE_CREATE", _mention(fake, "", attachments=attachments))
+            notice = await fake.wait_until(lambda: _bot_replies(fake))
+            text = notice[0].content
+            assert "notes.txt is not an image" in text
+            assert "huge.png is too large" in text
+            assert "broken.png" in text and text.count("⚠️") == 3
+            assert _jobs(stack.sessions) == []  # nothing usable: nothing stored, no job
+            assert len(fake.cdn) == 3 and not fake.calls("GET", r".*huge.*")  # the oversized file was not fetched
+
+            good = [fake.add_attachment("boat.png", png(seed=5), "image/png")]
+            await fake.dispatch("MESSAGE_CREATE", _mention(fake, "what is this?", attachments=good))
+            reply = await _wait_text(fake, "echo:", via="webhook")
+            await bot.deliveries.wait_all()
+            assert "1 image" in reply.content
+        assert [job.state.value for job in _jobs(stack.sessions)] == ["done"]
+
+    run(body())
+
+
+def test_dm_and_missing_manage_webhooks_fall_back_to_the_embed_author(stack) -> None:
+    async def body() -> None:
+        async with running_bot(stack) as (fake, bot):
+            dm_channel = 960000000000000001
+            await fake.dispatch("MESSAGE_CREATE", fake.message_event("hello", author=USER, channel_id=dm_channel, guild=False))
+            dm = await _wait_text(fake, "echo:", channel=dm_channel)
+            assert dm.via == "bot" and dm.payload["embeds"][0]["author"]["name"] == "Alice"
+
+            await fake.dispatch("MESSAGE_CREATE", _mention(fake, "here?", channel_id=BARE_CHANNEL_ID))
+            bare = await _wait_text(fake, "echo:", channel=BARE_CHANNEL_ID)
+            await bot.deliveries.wait_all()
+            assert bare.via == "bot" and bare.payload["embeds"][0]["author"]["name"] == "Alice"
+            assert bare.payload["allowed_mentions"] == {"parse": []}
+            assert not fake.calls("POST", r"/channels/\d+/webhooks")
+
+    run(body())
+
+
+def test_only_addressed_messages_are_answered_and_replies_to_a_character_are(stack) -> None:
+    async def body() -> None:
+        async with running_bot(stack) as (fake, bot):
+            await fake.dispatch("MESSAGE_CREATE", _mention(fake, "first"))
+            first = await _wait_text(fake, "echo:", via="webhook")
+            await bot.deliveries.wait_all()
+            await fake.dispatch("MESSAGE_CREATE", fake.message_event("people chatting", author=OTHER))
+            await fake.dispatch("MESSAGE_CREATE", fake.message_event("a bot talking", author=BOT))
+            await fake.dispatch("MESSAGE_CREATE", fake.message_event("to the character", author=USER, reference=first))
+            await fake.wait_until(lambda: len(fake.in_channel(CHANNEL_ID, via="webhook")) == 2)
+            await bot.deliveries.wait_all()
+            replies = [m.content for m in fake.in_channel(CHANNEL_ID, via="webhook")]
+            assert "to the character" in replies[1]
+        assert len(_jobs(stack.sessions)) == 2
+
+    run(body())
+
+
+def test_a_deleted_channel_and_a_rate_limit_are_handled(stack) -> None:
+    async def body() -> None:
+        async with running_bot(stack) as (fake, bot):
+            fake.fail_next("POST", r"/webhooks/\d+/[^/]+", 429)  # discord.py waits retry_after and sends again
+            await fake.dispatch("MESSAGE_CREATE", _mention(fake, "one"))
+            await _wait_text(fake, "echo:", via="webhook")
+            await bot.deliveries.wait_all()
+            assert len(fake.in_channel(CHANNEL_ID, via="webhook")) == 1
+            assert len(fake.calls("POST", r"/webhooks/\d+/[^/]+")) == 2
+
+            gone = {"message": "Unknown Channel", "code": 10003}
+            fake.fail_next("POST", r"/webhooks/\d+/[^/]+", 404, gone)  # the channel vanished mid-way
+            await fake.dispatch("MESSAGE_CREATE", _mention(fake, "two"))
+            await fake.wait_until(lambda: len(_jobs(stack.sessions)) == 2 and _jobs(stack.sessions)[1].delivered_at)
+            await bot.deliveries.wait_all()
+        jobs = _jobs(stack.sessions)
+        assert jobs[1].delivery.get("skipped") == "recipient gone"
+        assert len(fake.in_channel(CHANNEL_ID, via="webhook")) == 1
+
+    run(body())
+
+
+def test_a_restart_resumes_without_posting_twice(stack) -> None:
+    async def body() -> None:
+        fake = FakeDiscord()
+        await fake.start()
+        try:
+            async with running_bot(stack, fake) as (_fake, bot):
+                await fake.dispatch("MESSAGE_CREATE", _mention(fake, "remember me"))
+                await _wait_text(fake, "echo:", via="webhook")
+                await bot.deliveries.wait_all()
+            with stack.sessions.begin() as session:  # as if the bot died before recording the end of the delivery
+                job = session.scalars(select(Job)).one()
+                job.delivered_at = None
+            posted_before = len(fake.calls("POST", r"/webhooks/\d+/[^/]+"))
+            fake.identified.clear()
+            async with running_bot(stack, fake) as (_fake, bot):
+                await fake.wait_until(lambda: _jobs(stack.sessions)[0].delivered_at is not None)
+                await bot.deliveries.wait_all()
+            assert len(fake.calls("POST", r"/webhooks/\d+/[^/]+")) == posted_before  # edited, never re-posted
+            assert len(fake.calls("POST", r"/channels/\d+/webhooks")) == 1  # the existing webhook was found again
+            assert len(fake.in_channel(CHANNEL_ID, via="webhook")) == 1
+        finally:
+            await fake.close()
+
+    run(body())
+
+
+def test_adult_characters_speak_only_in_age_restricted_channels(stack) -> None:
+    async def body() -> None:
+        async with running_bot(stack) as (fake, bot):
+            use = fake.interaction_event(user=USER, data=_command("character", _opt("name", "Vex"), sub="use"))
+            await fake.dispatch("INTERACTION_CREATE", use)
+            answer = await fake.wait_until(lambda: fake.callbacks.get(use["token"]))
+            assert "age-restricted" in answer["data"]["content"]
+            await fake.dispatch("MESSAGE_CREATE", _mention(fake, "hello Vex"))
+            refusal = await fake.wait_until(lambda: _bot_replies(fake))
+            assert "adults-only" in refusal[0].content
+
+            use = fake.interaction_event(
+                user=USER, channel_id=NSFW_CHANNEL_ID, data=_command("character", _opt("name", "Vex"), sub="use")
+            )
+            await fake.dispatch("INTERACTION_CREATE", use)
+            await fake.wait_until(lambda: fake.callbacks.get(use["token"]))
+            await fake.dispatch("MESSAGE_CREATE", _mention(fake, "hello Vex", channel_id=NSFW_CHANNEL_ID))
+            reply = await _wait_text(fake, "echo:", channel=NSFW_CHANNEL_ID)
+            await bot.deliveries.wait_all()
+            assert reply.username == "Vex"
+        assert len(_jobs(stack.sessions)) == 1
+
+    run(body())
+
+
+def test_server_settings_choose_where_characters_speak(stack) -> None:
+    async def body() -> None:
+        async with running_bot(stack) as (fake, bot):
+            channel = {"name": "channel", "type": 7, "value": str(NSFW_CHANNEL_ID)}
+            resolved = {"channels": {str(NSFW_CHANNEL_ID): {**fake.channels[NSFW_CHANNEL_ID], "permissions": "0"}}}
+            refused = fake.interaction_event(user=OTHER, permissions=0, data=_command("settings", channel, sub="allow"))
+            refused["data"]["resolved"] = resolved
+            await fake.dispatch("INTERACTION_CREATE", refused)
+            answer = await fake.wait_until(lambda: fake.callbacks.get(refused["token"]))
+            assert "Only a bot admin" in answer["data"]["content"]
+
+            allow = fake.interaction_event(user=ADMIN, permissions=0, data=_command("settings", channel, sub="allow"))
+            allow["data"]["resolved"] = resolved
+            await fake.dispatch("INTERACTION_CREATE", allow)
+            answer = await fake.wait_until(lambda: fake.callbacks.get(allow["token"]))
+            assert str(NSFW_CHANNEL_ID) in answer["data"]["content"]
+
+            await fake.dispatch("MESSAGE_CREATE", _mention(fake, "anyone?"))
+            notice = await fake.wait_until(lambda: _bot_replies(fake))
+            assert "don't speak in this channel" in notice[0].content
+
+            listen = fake.interaction_event(
+                user=ADMIN, data=_command("settings", channel, _opt("character", "Alice"), sub="listen")
+            )
+            listen["data"]["resolved"] = allow["data"]["resolved"]
+            await fake.dispatch("INTERACTION_CREATE", listen)
+            await fake.wait_until(lambda: fake.callbacks.get(listen["token"]))
+            await fake.dispatch("MESSAGE_CREATE", fake.message_event("no mention", author=USER, channel_id=NSFW_CHANNEL_ID))
+            reply = await _wait_text(fake, "echo:", channel=NSFW_CHANNEL_ID)
+            await bot.deliveries.wait_all()
+            assert "no mention" in reply.content
+        assert len(_jobs(stack.sessions)) == 1
+
+    run(body())
+
+
+def test_admins_review_submissions_and_submitters_hear_by_dm(stack) -> None:
+    async def body() -> None:
+        async with running_bot(stack) as (fake, bot):
+            ten = _newcharacter(fake, [png(seed=n) for n in range(10)])
+            await fake.dispatch("INTERACTION_CREATE", ten)
+            assert "is submitted" in await _followup(fake, ten)
+
+            queue = fake.interaction_event(user=USER, data=_command("queue"))
+            await fake.dispatch("INTERACTION_CREATE", queue)
+            answer = await fake.wait_until(lambda: fake.callbacks.get(queue["token"]))
+            assert "Only a bot admin" in answer["data"]["content"]
+
+            queue = fake.interaction_event(user=ADMIN, data=_command("queue"))
+            await fake.dispatch("INTERACTION_CREATE", queue)
+            answer = await fake.wait_until(lambda: fake.callbacks.get(queue["token"]))
+            assert "'Mira'" in answer["data"]["content"] and "pending" in answer["data"]["content"]
+
+            reject = fake.interaction_event(
+                user=ADMIN, data=_command("reject", _opt("submission", 1, kind=4), _opt("reason", "too blurry"))
+            )
+            await fake.dispatch("INTERACTION_CREATE", reject)
+            answer = await fake.wait_until(lambda: fake.callbacks.get(reject["token"]))
+            assert "rejected" in answer["data"]["content"]
+            dm = await fake.wait_until(
+                lambda: [m for m in fake.messages.values() if "too blurry" in m.content and m.via == "bot"]
+            )
+            assert dm[0].channel_id == USER_ID + 1  # the fake's DM channel with the submitter
+        with stack.sessions() as session:
+            assert session.scalars(select(CharacterSubmission)).one().state == "rejected"
 
     run(body())

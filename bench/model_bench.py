@@ -1,0 +1,211 @@
+"""Speed and memory of the model runtime on one GPU: full-size BAGEL-7B-MoT, random bf16 weights (issue 3, item 6).
+
+Random weights do the same arithmetic as real ones, so times and memory carry over. Measured, as
+shared/BENCHMARKS.md measures the official code:
+- seconds per 1024x1024 text-to-image (50 steps, cfg text 4.0, cfg image 1.0, interval 0.4-1.0, shift 3.0),
+  through the public ``generate_image``; the official count is 90 LLM passes over 4098 query tokens;
+- text prefill of 512 tokens and decode of 256 new tokens at batch 1, through the runtime's own prefill and
+  decode step (the one ``generate_text`` loops over, with its one host read per token), eager and, with
+  ``--compile-decode``, as a CUDA graph;
+- peak GPU memory (weights, then the peaks of image and text work).
+Prints a table last and writes JSON. ``--tiny`` runs the same code on the tiny config on the CPU (a smoke test).
+
+Usage: python -m bench.model_bench [--out FILE] [--runs N] [--profile FILE] [--compile-decode] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.model.api import ImageContexts, ImageParams, TextSegment
+from core.model.config import BagelConfig, full_size_config
+from core.model.flow import guidance_active, timestep_schedule
+from core.model.runtime import UniCharacterRuntime, _TextBlock
+from core.model.tiny import TINY_LLM, TINY_VIT
+
+logger = logging.getLogger(__name__)
+
+PROMPT = "A photograph of a cat sitting on a red chair in a sunny coffee shop, warm light, detailed, 35 mm film."
+IMAGE = ImageParams(width=1024, height=1024, num_timesteps=50, timestep_shift=3.0, cfg_text_scale=4.0,
+                    cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), cfg_renorm_type="global", seed=0)
+PROMPT_TOKENS, NEW_TOKENS = 512, 256
+GIB = 2**30
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Wall seconds of ``fn`` with the device drained before and after."""
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def llm_passes(params: ImageParams) -> int:
+    """Branch passes the official sampler makes (its count; this runtime batches guided branches as rows)."""
+    ts = timestep_schedule(params.num_timesteps, params.timestep_shift).tolist()[:-1]
+    guided = 1 + (params.cfg_text_scale > 1.0) + (params.cfg_img_scale > 1.0)
+    return sum(guided if guidance_active(t, params.cfg_interval) else 1 for t in ts)
+
+
+def image_bench(rt: UniCharacterRuntime, params: ImageParams, runs: int) -> dict[str, Any]:
+    """Warm up on the same shapes with three steps, then time ``runs`` full images."""
+    contexts = ImageContexts(cond=[TextSegment(PROMPT)])
+    warm = dataclasses.replace(params, num_timesteps=3)
+    timed(lambda: rt.generate_image(contexts, warm), rt.device)
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    seconds = [timed(lambda: rt.generate_image(contexts, params), rt.device)[0] for _ in range(runs)]
+    passes = llm_passes(params)
+    best = min(seconds)
+    return {"seconds": seconds, "median_s": statistics.median(seconds), "best_s": best, "official_passes": passes,
+            "s_per_official_pass": best / passes, "peak_gib": _peak_gib(rt.device)}
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def prompt_ids(rt: UniCharacterRuntime, tokens: int) -> list[int]:
+    """A ``<|im_start|> ... <|im_end|>`` segment of exactly ``tokens`` ids (real text, cut by ids)."""
+    ids: list[int] = []
+    while len(ids) < tokens - 2:
+        ids += rt.tokenizer.encode(PROMPT + " ")
+    special = rt.tokenizer.special
+    return [special.bos, *ids[: tokens - 2], special.eos]
+
+
+def text_bench(rt: UniCharacterRuntime, new_tokens: int) -> dict[str, Any]:
+    """Prefill a 512-token segment, then ``new_tokens`` greedy steps of the runtime's decoder, as ``generate_text``
+    runs them (one host read per token), but never stopping early at ``<|im_end|>``."""
+    ids = prompt_ids(rt, PROMPT_TOKENS)
+    decoder = rt._decoder
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+
+    def prefill() -> int:
+        cache = decoder.reserve(len(ids) + 1 + new_tokens)
+        return rt._prefill([_TextBlock(ids)], cache, row=0, offset=0).rope
+
+    def decode(rope_id: int) -> None:
+        decoder.start(len(ids), rt.tokenizer.special.bos, rope_id)
+        for _ in range(new_tokens):
+            nxt = decoder.step().argmax(dim=-1)
+            int(nxt)  # the loop's one host read per token
+            decoder.advance(nxt)
+
+    with torch.inference_mode():
+        timed(prefill, rt.device)  # warm-up
+        prefill_s = min(timed(prefill, rt.device)[0] for _ in range(3))
+        first_s, _ = timed(lambda: decode(prefill()), rt.device)  # warm-up: graph capture or compilation
+        rope_id = prefill()
+        decode_s, _ = timed(lambda: decode(rope_id), rt.device)
+    return {"prompt_tokens": len(ids), "prefill_s": prefill_s, "prefill_tok_s": len(ids) / prefill_s,
+            "new_tokens": new_tokens, "decode_s": decode_s, "decode_tok_s": new_tokens / decode_s,
+            "ms_per_token": 1000 * decode_s / new_tokens, "first_decode_run_s": first_s,
+            "peak_gib": _peak_gib(rt.device)}
+
+
+def profile_image(rt: UniCharacterRuntime, params: ImageParams, path: Path) -> str:
+    """A torch.profiler summary of a few denoising steps (CUDA kernels by total time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    short = dataclasses.replace(params, num_timesteps=6)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if rt.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        rt.generate_image(ImageContexts(cond=[TextSegment(PROMPT)]), short)
+        _sync(rt.device)
+    sort = "cuda_time_total" if rt.device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=30)
+    path.write_text(table, encoding="utf-8")
+    return table
+
+
+def build(tiny: bool) -> UniCharacterRuntime:
+    cfg = BagelConfig(llm=TINY_LLM, vit=TINY_VIT) if tiny else full_size_config()
+    return UniCharacterRuntime.random(cfg, device="cpu" if tiny else "cuda", dtype=torch.bfloat16)
+
+
+def variant(rt: UniCharacterRuntime, **options: Any) -> UniCharacterRuntime:
+    """Another runtime over the same weights (``compile_kernels`` changes the model for good: use it last)."""
+    return UniCharacterRuntime(rt.model, rt.vae, rt.tokenizer, **options)
+
+
+def environment(rt: UniCharacterRuntime) -> dict[str, Any]:
+    card = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
+    params = sum(p.numel() for p in rt.model.parameters()) + sum(p.numel() for p in rt.vae.parameters())
+    return {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda, "params": params,
+            "weights_gib": torch.cuda.memory_allocated(rt.device) / GIB if rt.device.type == "cuda" else None}
+
+
+def table(results: dict[str, Any]) -> str:
+    env, size = results["environment"], f"{results['settings']['width']}x{results['settings']['height']}"
+    rows = [("card", env["card"]), ("parameters (model + VAE)", f"{env['params'] / 1e9:.2f} B")]
+    if env["weights_gib"] is not None:
+        rows.append(("weights on the GPU", f"{env['weights_gib']:.1f} GiB"))
+    for name, img in results["image"].items():
+        rows += [(f"{size} image ({name})", f"{img['best_s']:.2f} s best, {img['median_s']:.2f} s median, "
+                  f"{1000 * img['s_per_official_pass']:.0f} ms per official pass ({img['official_passes']})")]
+        if img["peak_gib"] is not None:
+            rows.append((f"  peak GPU memory ({name})", f"{img['peak_gib']:.1f} GiB"))
+    for name, text in results["text"].items():
+        rows += [(f"prefill {text['prompt_tokens']} tokens ({name})", f"{text['prefill_tok_s']:,.0f} tokens/s "
+                  f"({1000 * text['prefill_s']:.1f} ms)"),
+                 (f"decode {text['new_tokens']} tokens ({name})", f"{text['decode_tok_s']:.1f} tokens/s "
+                  f"({text['ms_per_token']:.2f} ms a token)")]
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("model_bench.json"))
+    parser.add_argument("--runs", type=int, default=2, help="timed images after the warm-up")
+    parser.add_argument("--profile", type=Path, help="write a torch.profiler summary of a short image here")
+    parser.add_argument("--compile-kernels", action="store_true", help="also time with the fused (compiled) kernels")
+    parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU, 64x64, 4 steps: a smoke test")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    rt = build(args.tiny)
+    image = IMAGE if not args.tiny else dataclasses.replace(IMAGE, width=64, height=64, num_timesteps=4)
+    new_tokens = NEW_TOKENS if not args.tiny else 16
+    results: dict[str, Any] = {"environment": environment(rt), "settings": dataclasses.asdict(image),
+                               "image": {}, "text": {}}
+    logger.info("built %s on %s", "tiny" if args.tiny else "full size", results["environment"]["card"])
+
+    def record(kind: str, name: str, value: dict[str, Any]) -> None:
+        results[kind][name] = value
+        logger.info("%s %s: %s", kind, name, value)
+        args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")  # partial results survive a timeout
+
+    record("image", "default", image_bench(rt, image, args.runs))
+    record("text", "CUDA graph" if rt.device.type == "cuda" else "eager", text_bench(rt, new_tokens))
+    if rt.device.type == "cuda":
+        record("text", "eager", text_bench(variant(rt, cuda_graphs=False), new_tokens))
+    if args.profile:
+        print(profile_image(rt, image, args.profile)[:6000])
+    if args.compile_kernels:
+        fused = variant(rt, compile_kernels=True)
+        record("image", "compiled kernels", image_bench(fused, image, args.runs))
+        record("text", "compiled kernels + CUDA graph", text_bench(fused, new_tokens))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""End to end: users chat with the real bot (python-telegram-bot against the fake Bot API) through the worker path."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from core.db.models import Job, User
+from core.jobs import JobState
+from tests.bots.telegram.conftest import ANN, BOB, GROUP, fake_api, jobs, png, run, running_bot
+from tests.bots.telegram.fake_bot_api import BOT_USERNAME, FakeBotApi
+from tests.conftest import Live
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+
+def delivered(live: Live, count: int = 1):
+    """A predicate: ``count`` jobs exist and all are delivered."""
+
+    def check() -> bool:
+        rows = jobs(live)
+        return len(rows) >= count and all(job.delivered_at is not None for job in rows)
+
+    return check
+
+
+def reply_texts(fake: FakeBotApi, chat_id: int) -> list[str]:
+    return [m.text for m in fake.bot_messages(chat_id) if m.photo is None]
+
+
+def test_private_message_gets_a_streamed_reply(tg: Live) -> None:
+    async def body() -> None:
+        async with fake_api() as fake, running_bot(tg, fake):
+            asked = await fake.send(ANN, ANN, "Hello there, how are you?")
+            await fake.wait_for(delivered(tg))
+            replies = fake.bot_messages(ANN)
+            assert [m.text for m in replies] == ["echo: Hello there, how are you?"]
+            assert replies[0].reply_to == asked
+            assert any(call["action"] == "typing" for call in fake.called("sendChatAction"))
+            job = jobs(tg)[0]
+            assert job.state is JobState.DONE
+            assert job.delivery["messages"] == [str(replies[0].message_id)]
+
+    run(body)
+
+
+def test_long_reply_is_split_at_4096_utf16_units(tg: Live) -> None:
+    long_text = " ".join(["🎉word"] * 1500)  # about 10,500 UTF-16 units once echoed
+
+    async def body() -> None:
+        async with fake_api() as fake, running_bot(tg, fake, max_message_chars=20000):
+            await fake.send(ANN, ANN, long_text)
+            await fake.wait_for(delivered(tg))
+            texts = reply_texts(fake, ANN)
+            assert len(texts) == 3
+            assert " ".join(texts).split() == f"echo: {long_text}".split()
+
+    run(body)
+
+
+def test_flood_wait_is_honoured_and_nothing_is_posted_twice(tg: Live) -> None:
+    async def body() -> None:
+        async with fake_api() as fake, running_bot(tg, fake):
+            fake.fail_next("sendMessage", 429, retry_after=1)
+            fake.fail_next("editMessageText", 429, retry_after=1)
+            await fake.send(ANN, ANN, "Are you there?")
+            await fake.wait_for(delivered(tg))
+            assert reply_texts(fake, ANN) == ["echo: Are you there?"]
+
+    run(body)
+
+
+def test_photo_with_a_caption_is_answered_about_the_picture(tg: Live) -> None:
+    async def body() -> None:
+        async with fake_api() as fake, running_bot(tg, fake):
+            await fake.send(ANN, ANN, photo=png(), caption="What do you see?")
+            await fake.wait_for(delivered(tg))
+            assert reply_texts(fake, ANN) == ["echo: What do you see? (I see 1 image)"]
+            with tg.sessionmaker() as session:
+                request = session.get(Job, jobs(tg)[0].id)
+                assert request is not None
+
+    run(body)
+
+
+def test_album_is_one_question_about_all_its_pictures(tg: Live) -> None:
+    async def body() -> None:
+        async with fake_api() as fake, running_bot(tg, fake):
+            for seed in range(3):
+                await fake.send(ANN, ANN, photo=png(seed=seed), caption="Which is best?" if seed == 0 else None,
+                                media_group_id="album1")
+            await fake.wait_for(delivered(tg))
+            assert reply_texts(fake, ANN) == ["echo: Which is best? (I see 3 images)"]
+            assert len(jobs(tg)) == 1
+
+    run(body)
+
+
+def test_imagine_delivers_a_photo_with_buttons_only_the_requester_can_press(tg: Live) -> None:
+    async def body() -> None:
+        async with fake_api() as fake, running_bot(tg, fake):
+            await fake.send(GROUP, ANN, f"/imagine@{BOT_USERNAME} us at the harbour at dusk")
+            photo = await fake.wait_for(lambda: next((m for m in fake.bot_messages(GROUP) if m.photo), None))
+            assert [label for label, _ in photo.buttons] == ["🔁 Regenerate", "✅ Accept"]
+            await fake.wait_for(delivered(tg))
+            assert fake.bot_messages(GROUP) == [photo]  # the progress line is gone
+            assert any(call["action"] == "upload_photo" for call in fake.called("sendChatAction"))
+            regenerate, accept = (data for _, data in photo.buttons)
+
+            await fake.press(GROUP, BOB, photo.message_id, regenerate)
+            refusal = await fake.wait_for(lambda: [c for c in fake.called("answerCallbackQuery") if c.get("show_alert")])
+            assert "Only the person" in refusal[0]["text"]
+            assert len(jobs(tg)) == 1
+
+            await fake.press(GROUP, ANN, photo.message_id, regenerate)
+            await fake.wait_for(delivered(tg, 2))
+            await fake.wait_for(lambda: len([m for m in fake.bot_messages(GROUP) if m.photo]) == 2)
+            assert jobs(tg)[1].params["prompt"] == "us at the harbour at dusk"
+
+            await fake.press(GROUP, ANN, photo.message_id, accept)
+            await fake.wait_for(lambda: fake.find(GROUP, photo.message_id).reply_markup is None)
+            assert jobs(tg)[0].delivery["accepted"] is True
+
+    run(body)
+
+
+def test_queue_position_and_percent_are_shown_while_a_picture_renders(tg: Live) -> None:
+    async def body() -> None:
+        async with fake_api() as fake, running_bot(tg, fake):
+            await fake.send(ANN, ANN, "/imagine a cat")
+            await fake.wait_for(delivered(tg))
+            shown = [call["text"] for call in fake.called("sendMessage") + fake.called("editMessageText")]
+            assert any("queue" in text for text in shown)
+            assert any("%" in text for text in shown) or any("Drawing" in t for t in shown)
+
+    run(body)
+
+
+def test_group_answers_only_mentions_replies_and_the_trigger_word(tg: Live) -> None:
+    async def body() -> None:
+        async with fake_api() as fake, running_bot(tg, fake, telegram_trigger_word="Ichi"):
+            await fake.send(GROUP, ANN, "just people talking")
+            await fake.send(GROUP, BOB, f"@{BOT_USERNAME} hi there")
+            await fake.wait_for(delivered(tg, 1))
+            first = fake.bot_messages(GROUP)[0]
+            assert first.text == "echo: hi there"
+            await fake.send(GROUP, ANN, "and you?", reply_to=first.message_id)
+            await fake.wait_for(delivered(tg, 2))
+            await fake.send(GROUP, ANN, "hey ichi, play with us")
+            await fake.wait_for(delivered(tg, 3))
+            assert reply_texts(fake, GROUP) == ["echo: hi there", "echo: and you?", "echo: hey ichi, play with us"]
+
+    run(body)
+
+
+def test_start_offers_characters_and_a_button_switches(tg: Live) -> None:
+    async def body() -> None:
+        async with fake_api() as fake, running_bot(tg, fake):
+            await fake.send(ANN, ANN, "/start")
+            picker = await fake.wait_for(lambda: next((m for m in fake.bot_messages(ANN) if m.buttons), None))
+            labels = dict(picker.buttons)
+            assert set(labels) == {"Ichihime", "Pikachu"}
+            await fake.press(ANN, ANN, picker.message_id, labels["Pikachu"])
+            await fake.wait_for(lambda: "Pikachu" in fake.find(ANN, picker.message_id).text)
+            with tg.sessionmaker() as session:
+                user = session.scalars(select(User).filter_by(platform_user_id=str(ANN))).one()
+                assert user.active_character_id is not None
+
+    run(body)
+
+
+def test_reset_asks_first_and_only_the_asker_can_confirm(tg: Live) -> None:
+    async def body() -> None:
+        async with fake_api() as fake, running_bot(tg, fake):
+            await fake.send(GROUP, ANN, "/reset")
+            question = await fake.wait_for(lambda: next((m for m in fake.bot_messages(GROUP) if m.buttons), None))
+            yes = dict(question.buttons)["Yes, start over"]
+            await fake.press(GROUP, BOB, question.message_id, yes)
+            await fake.wait_for(lambda: [c for c in fake.called("answerCallbackQuery") if c.get("show_alert")])
+            await fake.press(GROUP, ANN, question.message_id, yes)
+            await fake.wait_for(lambda: "starts over" in fake.find(GROUP, question.message_id).text)
+
+    run(body)
+
+
+def test_memory_shows_remembered_facts_and_forgets_them(tg: Live) -> None:
+    async def body() -> None:
+        async with fake_api() as fake, running_bot(tg, fake):
+            await fake.send(ANN, ANN, "/remember I love green tea")
+            await fake.wait_for(lambda: any("I will remember" in t for t in reply_texts(fake, ANN)))
+            await fake.send(ANN, ANN, "/memory")
+            shown = await fake.wait_for(lambda: next((m for m in fake.bot_messages(ANN) if m.buttons), None))
+            assert "green tea" in shown.text
+            await fake.press(ANN, ANN, shown.message_id, shown.buttons[0][1])
+            await fake.wait_for(lambda: "Forgotten" in fake.find(ANN, shown.message_id).text)
+
+    run(body)
+
+
+def test_status_and_help(tg: Live) -> None:
+    async def body() -> None:
+        async with fake_api() as fake, running_bot(tg, fake):
+            await fake.send(ANN, ANN, "/help")
+            await fake.wait_for(lambda: any("/newcharacter" in t for t in reply_texts(fake, ANN)))
+            assert not any("/approve" in t for t in reply_texts(fake, ANN))  # admin commands only for admins
+            await fake.send(ANN, ANN, "/status")
+            await fake.wait_for(lambda: any("no requests" in t for t in reply_texts(fake, ANN)))
+            assert fake.called("setMyCommands")
+
+    run(body)

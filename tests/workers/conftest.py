@@ -1,0 +1,38 @@
+"""A worker context on the test's SQLite file and Redis stream database, without a broker."""
+
+from __future__ import annotations
+
+import pytest
+
+from core.chat import ChatService
+from core.media import FileStore
+from tests.doubles import EchoModel
+from tests.factories import add_character
+from workers.context import WorkerContext
+from workers.shared_model import SharedModel
+
+
+@pytest.fixture
+def model() -> EchoModel:
+    return EchoModel()
+
+
+@pytest.fixture
+def ctx(settings, sessionmaker, redis_client, model) -> WorkerContext:
+    """What a worker process would hold, on this test's stores."""
+    add_character(sessionmaker, "Furina")
+    return WorkerContext(
+        settings, sessionmaker, redis_client, FileStore(settings.files_dir), SharedModel(lambda: model)
+    )
+
+
+@pytest.fixture
+def sent() -> list:
+    """What was dispatched, as (job id, kind)."""
+    return []
+
+
+@pytest.fixture
+def service(ctx, sent) -> ChatService:
+    """The chat service on the same stores, recording dispatches instead of sending them."""
+    return ChatService(ctx.sessionmaker, ctx.settings, lambda job_id, kind: sent.append((job_id, kind)), ctx.store)
