@@ -5,12 +5,13 @@ shared/BENCHMARKS.md measures the official code:
 - seconds per 1024x1024 text-to-image (50 steps, cfg text 4.0, cfg image 1.0, interval 0.4-1.0, shift 3.0),
   through the public ``generate_image``; the official count is 90 LLM passes over 4098 query tokens;
 - text prefill of 512 tokens and decode of 256 new tokens at batch 1, through the runtime's own prefill and
-  decode step (the one ``generate_text`` loops over, with its one host read per token), eager and, with
-  ``--compile-decode``, as a CUDA graph;
+  decoder (the one ``generate_text`` loops over, with its one host read per token), replayed as a CUDA graph
+  (the default) and step by step;
+- with ``--compare-plain``, the same first without the runtime's fused (torch.compile'd) norms, RoPE and MLP;
 - peak GPU memory (weights, then the peaks of image and text work).
 Prints a table last and writes JSON. ``--tiny`` runs the same code on the tiny config on the CPU (a smoke test).
 
-Usage: python -m bench.model_bench [--out FILE] [--runs N] [--profile FILE] [--compile-decode] [--tiny]
+Usage: python -m bench.model_bench [--out FILE] [--runs N] [--profile DIR] [--compare-plain] [--tiny]
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ def llm_passes(params: ImageParams) -> int:
 
 
 def image_bench(rt: UniCharacterRuntime, params: ImageParams, runs: int) -> dict[str, Any]:
-    """Warm up on the same shapes with three steps, then time ``runs`` full images."""
+    """Warm up on the same shapes (8 steps: guided and unguided ones), then time ``runs`` full images."""
     contexts = ImageContexts(cond=[TextSegment(PROMPT)])
-    warm = dataclasses.replace(params, num_timesteps=3)
+    warm = dataclasses.replace(params, num_timesteps=8)
     timed(lambda: rt.generate_image(contexts, warm), rt.device)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
@@ -100,7 +101,7 @@ def text_bench(rt: UniCharacterRuntime, new_tokens: int) -> dict[str, Any]:
 
     def prefill() -> int:
         cache = decoder.reserve(len(ids) + 1 + new_tokens)
-        return rt._prefill([_TextBlock(ids)], cache, row=0, offset=0).rope
+        return rt._prefill([_TextBlock(ids)], cache, row=0, offset=0)
 
     def decode(rope_id: int) -> None:
         decoder.start(len(ids), rt.tokenizer.special.bos, rope_id)
@@ -136,9 +137,10 @@ def profile_image(rt: UniCharacterRuntime, params: ImageParams, path: Path) -> s
     return table
 
 
-def build(tiny: bool) -> UniCharacterRuntime:
+def build(tiny: bool, compile_kernels: bool | None) -> UniCharacterRuntime:
     cfg = BagelConfig(llm=TINY_LLM, vit=TINY_VIT) if tiny else full_size_config()
-    return UniCharacterRuntime.random(cfg, device="cpu" if tiny else "cuda", dtype=torch.bfloat16)
+    device = "cpu" if tiny else "cuda"
+    return UniCharacterRuntime.random(cfg, device=device, dtype=torch.bfloat16, compile_kernels=compile_kernels)
 
 
 def variant(rt: UniCharacterRuntime, **options: Any) -> UniCharacterRuntime:
@@ -176,13 +178,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("model_bench.json"))
     parser.add_argument("--runs", type=int, default=2, help="timed images after the warm-up")
-    parser.add_argument("--profile", type=Path, help="write a torch.profiler summary of a short image here")
-    parser.add_argument("--compile-kernels", action="store_true", help="also time with the fused (compiled) kernels")
+    parser.add_argument("--profile", type=Path, help="folder for a torch.profiler summary of a short image")
+    parser.add_argument("--compare-plain", action="store_true",
+                        help="first time the runtime without its compiled (fused) kernels")
     parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU, 64x64, 4 steps: a smoke test")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    rt = build(args.tiny)
+    rt = build(args.tiny, compile_kernels=False if args.compare_plain else None)
     image = IMAGE if not args.tiny else dataclasses.replace(IMAGE, width=64, height=64, num_timesteps=4)
     new_tokens = NEW_TOKENS if not args.tiny else 16
     results: dict[str, Any] = {"environment": environment(rt), "settings": dataclasses.asdict(image),
@@ -194,16 +197,16 @@ def main() -> None:
         logger.info("%s %s: %s", kind, name, value)
         args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")  # partial results survive a timeout
 
+    if args.compare_plain:
+        record("image", "plain kernels", image_bench(rt, image, args.runs))
+        record("text", "plain kernels", text_bench(rt, new_tokens))
+        rt = variant(rt, compile_kernels=None)  # the runtime's default: fused kernels on CUDA
     record("image", "default", image_bench(rt, image, args.runs))
-    record("text", "CUDA graph" if rt.device.type == "cuda" else "eager", text_bench(rt, new_tokens))
+    record("text", "default", text_bench(rt, new_tokens))
     if rt.device.type == "cuda":
-        record("text", "eager", text_bench(variant(rt, cuda_graphs=False), new_tokens))
+        record("text", "steps without CUDA graph", text_bench(variant(rt, cuda_graphs=False), new_tokens))
     if args.profile:
-        print(profile_image(rt, image, args.profile)[:6000])
-    if args.compile_kernels:
-        fused = variant(rt, compile_kernels=True)
-        record("image", "compiled kernels", image_bench(fused, image, args.runs))
-        record("text", "compiled kernels + CUDA graph", text_bench(fused, new_tokens))
+        print(profile_image(rt, image, args.profile / "profile.txt")[:4000])
     print(table(results))
 
 

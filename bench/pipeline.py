@@ -140,6 +140,20 @@ class _Discard(list):  # type: ignore[type-arg]
         pass
 
 
+_WORDS = (
+    "the harbour at dusk",
+    "a storm over the bay",
+    "fresh bread",
+    "the old lighthouse",
+    "a map of the isles",
+    "your sister's letter",
+    "the festival tonight",
+    "a broken compass",
+    "sea shanties",
+    "the captain's log",
+)
+
+
 class Client:
     """A frontend's side of the path: the chat service and the stream follower."""
 
@@ -155,7 +169,8 @@ class Client:
     def message(self, user: str, n: int) -> float:
         """Send one message and wait for its reply; returns the seconds it took."""
         started = time.perf_counter()
-        outcome = self.service.handle(IncomingMessage("bench", user, user, str(n), f"hello number {n}"))
+        text = f"{_WORDS[n % len(_WORDS)]} and {_WORDS[(7 * n) % len(_WORDS)]}, message {n}"
+        outcome = self.service.handle(IncomingMessage("bench", user, user, str(n), text))
         if not isinstance(outcome, JobQueued):
             raise RuntimeError(f"message refused: {outcome}")
         for _entry, event in follow_sync(self.redis, outcome.job_id, idle_timeout_s=60):
@@ -171,7 +186,11 @@ class Client:
 
 
 def measure(database: str, database_url: str, args: argparse.Namespace) -> Result:
-    """Latency over ``args.messages`` sequential messages, then throughput with ``args.users`` concurrent users."""
+    """Latency over ``args.messages`` sequential messages, then throughput with ``args.users`` concurrent users.
+
+    Both phases spread the messages over ``args.users`` users, so conversations stay a chat session long (the
+    per-turn cost of memory recall grows with a conversation's length; ``--users 1`` shows that).
+    """
     with tempfile.TemporaryDirectory(prefix="unichar-bench-") as folder:
         data_dir = Path(folder)
         with private_redis(_settings(data_dir, database_url, _dead_redis_url(), args.threads)) as redis_url:
@@ -186,7 +205,8 @@ def measure(database: str, database_url: str, args: argparse.Namespace) -> Resul
                         client.message("warmup", n)
                     pids = {"client": None, "worker": worker.pid, "redis": client.redis.info("server")["process_id"]}
                     cpu_before = {name: _cpu_s(pid) for name, pid in pids.items()}
-                    latencies = sorted(client.message("solo", n) for n in range(args.messages))
+                    # one message at a time, users in turn: conversations of messages / users turns each
+                    latencies = sorted(client.message(f"solo{n % args.users}", n) for n in range(args.messages))
                     cpu_ms = {
                         name: 1000 * (_cpu_s(pid) - cpu_before[name]) / args.messages for name, pid in pids.items()
                     }
@@ -234,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mode", nargs="?", choices=("bench", "worker"), default="bench")
     parser.add_argument("--db", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql")
     parser.add_argument("--messages", type=int, default=1000, help="sequential messages for p50/p99")
-    parser.add_argument("--users", type=int, default=50, help="concurrent users for the throughput run")
+    parser.add_argument("--users", type=int, default=50, help="users (concurrent in the throughput run)")
     parser.add_argument("--per-user", type=int, default=20, help="messages each concurrent user sends")
     parser.add_argument("--threads", type=int, default=4, help="worker threads")
     parser.add_argument("--warmup", type=int, default=50)

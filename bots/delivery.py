@@ -24,7 +24,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bots.render import EditPacer, RetryLater, progress_text, strip_control, take_chunk
 from core.db.models import Chat, Conversation, Job, Message, User, utcnow
-from core.jobs import TERMINAL_STATES, Done, Failed, ImageReady, JobEvent, JobKind, JobState, Progress, TextDelta
+from core.jobs import (
+    TERMINAL_STATES,
+    Done,
+    Failed,
+    ImageReady,
+    JobEvent,
+    JobKind,
+    JobState,
+    Progress,
+    TextDelta,
+)
 from core.queue import position
 
 if TYPE_CHECKING:
@@ -32,12 +42,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Action",
-    "Target",
-    "Renderer",
-    "RecipientGone",
-    "MessageGone",
-    "Follow",
     "Deliveries",
+    "Follow",
+    "MessageGone",
+    "RecipientGone",
+    "Renderer",
+    "Target",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,7 +123,7 @@ class Deliveries:
         horizon_s: float = 3600.0,
     ) -> None:
         self._sessions = sessions
-        self._follow = follow
+        self.follow = follow
         self._files = files
         self._renderer_for = renderer_for
         self.platform = platform
@@ -163,9 +173,8 @@ class Deliveries:
         except RecipientGone:
             log.info("job %s: recipient gone, delivery skipped", target.job_id)
             await asyncio.to_thread(self._recipient_gone, target.job_id, run.state)
-        except Exception:
+        except Exception:  # what was posted is recorded: the next start resumes from there
             log.exception("job %s: delivery failed; it resumes at the next start", target.job_id)
-            raise
 
     # --- SQL (each in a worker thread: one short transaction) ---------------------------------------------
 
@@ -290,7 +299,7 @@ class _Run:
         last_id = "0"  # always replay: the stream holds the whole reply, the state says what is shown already
         while True:
             try:
-                async for last_id, event in self.owner._follow(self.target.job_id, last_id):
+                async for last_id, event in self.owner.follow(self.target.job_id, last_id):
                     if await self._on_event(event):
                         return
             except TimeoutError:
@@ -362,6 +371,8 @@ class _Run:
         self.pacer.update(text)
         if final:
             await self.pacer.flush()
+            if self.state.get("live_done"):  # the message vanished under the last edit: post the text anew
+                await self._set_live(text, final=True)
 
     def _new_pacer(self, message_id: str, *, sent: str) -> EditPacer:
         renderer = self.renderer
@@ -369,8 +380,10 @@ class _Run:
         async def edit(text: str) -> None:
             try:
                 await renderer.edit_text(message_id, text)
-            except MessageGone:
-                log.info("job %s: message %s was deleted; the text continues in a new one", self.target.job_id, message_id)
+            except MessageGone:  # someone deleted it: later text goes to a new message
+                log.info("job %s: message %s is gone", self.target.job_id, message_id)
+                if self.state["messages"][-1:] == [message_id]:
+                    self.state["live_done"] = True
 
         return EditPacer(edit, renderer.edit_interval, sent=sent)
 

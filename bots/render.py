@@ -23,18 +23,18 @@ from typing import Final
 from core.jobs import Progress
 
 __all__ = [
-    "LengthFn",
-    "utf16_len",
-    "strip_control",
-    "take_chunk",
-    "split_text",
-    "RetryLater",
+    "DISCORD_LIMIT",
+    "TELEGRAM_LIMIT",
     "EditPacer",
+    "LengthFn",
+    "RetryLater",
+    "defuse_mentions",
     "format_eta",
     "progress_text",
-    "defuse_mentions",
-    "TELEGRAM_LIMIT",
-    "DISCORD_LIMIT",
+    "split_text",
+    "strip_control",
+    "take_chunk",
+    "utf16_len",
 ]
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class RetryLater(Exception):
 class EditPacer:
     """Coalesces edits of one message: at most one per ``interval`` seconds, the latest text wins."""
 
-    __slots__ = ("_edit", "_interval", "_clock", "_sleep", "_pending", "_sent", "_next_at", "_task", "_error")
+    __slots__ = ("_clock", "_edit", "_error", "_interval", "_next_at", "_pending", "_sent", "_sleep", "_task")
 
     def __init__(
         self,

@@ -4,7 +4,8 @@
 resolves the user, chat, character and conversation and writes the user's message with its ``Job`` row; only after
 the commit does it dispatch the job id to the broker. A refusal writes nothing. If dispatching fails the job stays
 queued and the sweeper re-sends it, so the outcome is still a queued job. Commands (/characters, /use, /imagine,
-/reset, /status, /help) are answered here so that Discord, Telegram and the console behave alike.
+/reset, /status, /help and the memory commands of ``core.memory``) are answered here so that Discord, Telegram and
+the console behave alike.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Final, Literal, TypeAlias
 
 from sqlalchemy import update
 
+from core import memory
 from core.db import repositories as repo
 from core.db.models import Character, Chat, Conversation, Job, User, utcnow
 from core.jobs import JobKind, JobState
@@ -71,6 +73,10 @@ COMMANDS: Final[dict[str, str]] = {
     "use": "NAME: talk to another character",
     "imagine": "PROMPT: ask the character for a picture",
     "reset": "start the conversation over",
+    "remember": "TEXT: pin a fact the character keeps about you",
+    "memory": "what the character remembers of you",
+    "forget": "N | all | me: forget a fact, every fact, or everything of you",
+    "persona": "TEXT | clear: tell every character who you are",
     "status": "your requests and their place in the queue",
     "help": "this list",
 }
@@ -122,6 +128,12 @@ class ChatService:
             "imagine": self._imagine,
             "reset": self._reset,
             "status": self._status,
+            "remember": self._memory_command(lambda session, _user, conv, arg: memory.remember(session, conv, arg)),
+            "memory": self._memory_command(lambda session, _user, conv, _arg: memory.describe_memory(session, conv)),
+            "forget": self._memory_command(
+                lambda session, _user, conv, arg: memory.forget(session, conv, arg, self.store)
+            ),
+            "persona": self._memory_command(lambda session, user, _conv, arg: memory.persona(session, user, arg)),
             "help": lambda _message, _arg: Answer(help_text()),
             "start": lambda _message, _arg: Answer(help_text()),  # Telegram's first-contact command
         }
@@ -173,7 +185,7 @@ class ChatService:
         return repo.active_conversation(session, who.user.id, who.character.id, who.chat.id)
 
     def _queue(
-        self, message: IncomingMessage, kind: JobKind, text: str, images: list[str], params: dict
+        self, message: IncomingMessage, kind: JobKind, text: str, images: list[str], params: dict[str, object]
     ) -> ChatOutcome:
         """Store the user's turn and its job in one transaction, then dispatch after commit."""
         with self.sessionmaker.begin() as session:
@@ -264,6 +276,18 @@ class ChatService:
             repo.add_message(session, conversation, "character", greeting)
             return greeting
         return ""
+
+    def _memory_command(
+        self, run: Callable[[Session, User, Conversation, str], str]
+    ) -> Callable[[IncomingMessage, str], ChatOutcome]:
+        """A ``core.memory`` command on the user and their current conversation, in one transaction."""
+
+        def command(message: IncomingMessage, arg: str) -> ChatOutcome:
+            with self.sessionmaker.begin() as session:
+                who = self._who(session, message)
+                return Answer(run(session, who.user, self._conversation(session, who), arg))
+
+        return command
 
     def _status(self, message: IncomingMessage, _arg: str) -> ChatOutcome:
         with self.sessionmaker.begin() as session:

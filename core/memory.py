@@ -3,12 +3,14 @@
 Everything lives in SQL and is scoped per user x character x conversation (a conversation is one user with one
 character in one chat; /reset closes it). The parts:
 
-- **Recent window**: the last ``Settings.history_messages`` turns of the conversation, verbatim.
+- **Recent window**: the last ``Settings.history_messages`` turns the character heard in this chat, verbatim
+  (in a direct chat, the conversation's own).
 - **Rolling summary**: when ``Settings.summary_every`` turns have fallen out of the window unsummarised,
   :func:`summary_due` says so and a low-priority SUMMARY job asks the model (:func:`summary_request`) for an updated
   summary plus lasting facts about the user, stored by :func:`store_summary`. Never in the path of a reply.
 - **Facts**: pinned by the user (/remember) for one character across chats; extracted by the model, kept for
-  the chat they were learnt in.
+  the chat they were learnt in. Both outlive /reset (which starts the window and summary over); /forget
+  removes them.
 - **Recall**: older turns relevant to the new message, ranked by BM25 over an inverted index kept in SQL
   (``message_terms``). Lexical rather than embedding recall because role-play recall is mostly about names,
   places and objects the user mentions again, which exact terms find well; because it needs no second model on
@@ -36,8 +38,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import String, Table, case, cast, delete, event, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Float, Select, String, Table, bindparam, case, cast, delete, event, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import aliased
 
 from core.db.models import (
     Base,
@@ -94,7 +97,10 @@ MAX_PERSONA_CHARS: Final = 1000
 SUMMARY_WORDS: Final = 150
 SUMMARY_REPLY_TOKENS: Final = 400
 TURN_ROLES: Final = ("user", "character")
-MAX_POSTINGS: Final = 5000  # postings read per recall: the rarest query terms first
+MAX_POSTINGS: Final = 3000  # postings read per recall: the rarest query terms first
+QUERY_TERMS: Final = 8  # the rarest terms of the new message that recall searches for
+_INSERTS: Final = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}  # both can skip existing rows
+_NO_TERM: Final = "-"  # pads the query's terms; never a term (terms are letters and digits)
 RESCAN_TURNS: Final = 20  # the chat's latest turns checked again by the indexer
 DOCUMENT: Final = ""  # the term every indexed message has a posting for
 _FACTS_LINE = re.compile(r"(?im)^\s*facts?\s*:")
@@ -104,8 +110,8 @@ _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+")
 _STOPWORDS: Final = frozenset(
     """a an and are as at be been but by can could did do does for from had has have he her hers him his how i if
     in into is it its just me my no not of on or our she so than that the their them then there they this to too
-    us was we were what when where which who why will with would you your yours am im ive dont oh ok okay yes yeah
-    nyaa""".split()
+    us was we were what when where which who why will with would you your yours am im ive dont oh ok okay yes
+    yeah""".split()
 )
 
 
@@ -167,22 +173,34 @@ def index_chat(session: Session, chat_id: int) -> int:
     Reads the turns after the newest indexed one, plus the last few again: a turn committed late (a lower id
     than one already indexed) is caught that way.
     """
-    indexed = (MessageTerm.chat_id == chat_id, MessageTerm.term == DOCUMENT)
-    last = session.scalar(select(func.max(MessageTerm.message_id)).where(*indexed)) or 0
-    latest = select(Message.id).where(Message.chat_id == chat_id).order_by(Message.id.desc()).limit(RESCAN_TURNS)
+    last = (
+        select(func.max(MessageTerm.message_id))
+        .where(MessageTerm.chat_id == chat_id, MessageTerm.term == DOCUMENT)
+        .scalar_subquery()
+    )
+    recent = (
+        select(Message.id)
+        .where(Message.chat_id == chat_id)
+        .order_by(Message.id.desc())
+        .offset(RESCAN_TURNS)
+        .limit(1)
+        .scalar_subquery()
+    )
+    bounds = session.execute(select(last, recent)).one()
+    floor = min(-1 if bound is None else bound for bound in bounds)  # -1: from the first turn
+    marker = aliased(MessageTerm)
     rows = session.execute(
-        select(Message.id, Message.conversation_id, Message.text).where(
+        select(Message.id, Message.conversation_id, Message.text)
+        .outerjoin(marker, (marker.message_id == Message.id) & (marker.term == DOCUMENT))
+        .where(
             Message.chat_id == chat_id,
+            Message.id > floor,
             Message.role.in_(TURN_ROLES),
-            (Message.id > last) | Message.id.in_(latest.scalar_subquery()),
+            marker.message_id.is_(None),
         )
     ).all()
-    ids = [row.id for row in rows]
-    done = set(session.scalars(select(MessageTerm.message_id).where(*indexed, MessageTerm.message_id.in_(ids))))
     postings = []
     for message_id, conversation_id, text in rows:
-        if message_id in done:
-            continue
         counts = Counter(terms(text))
         length = sum(counts.values())
         counts[DOCUMENT] = 0
@@ -191,13 +209,10 @@ def index_chat(session: Session, chat_id: int) -> int:
              "count": n, "length": length}
             for term, n in counts.items()
         )
-    if postings:
-        try:
-            with session.begin_nested():  # another worker indexing the same turns wins; ours is redundant
-                session.execute(MessageTerm.__table__.insert(), postings)
-        except IntegrityError:
-            log.debug("chat %s was indexed concurrently", chat_id)
-    return len(rows) - len(done)
+    if postings:  # another worker may index the same turns at the same time: the first one wins
+        insert = _INSERTS[session.get_bind().dialect.name](MessageTerm).on_conflict_do_nothing()
+        session.execute(insert, postings)
+    return len(rows)
 
 
 # --- reading memory -----------------------------------------------------------------------------------------
@@ -251,6 +266,31 @@ def window(session: Session, conversation: Conversation, before_id: int | None, 
     return _turns(session, list(reversed(rows)))
 
 
+def _bm25_statement() -> Select[tuple[int, float]]:
+    """Top turns by BM25 over the postings of up to QUERY_TERMS terms, summed by the database."""
+    terms_ = [bindparam(f"t{i}", type_=String) for i in range(QUERY_TERMS)]
+    idf = case(*((MessageTerm.term == t, bindparam(f"w{i}", type_=Float)) for i, t in enumerate(terms_)), else_=0.0)
+    tf = MessageTerm.count * 1.0
+    norm = tf + _BM25_K1 * (1 - _BM25_B + _BM25_B * MessageTerm.length / bindparam("average", type_=Float))
+    score = func.sum(idf * tf * (_BM25_K1 + 1) / norm).label("score")
+    return (
+        select(MessageTerm.message_id, score)
+        .where(
+            MessageTerm.term.in_(terms_),
+            MessageTerm.chat_id == bindparam("chat_id"),
+            MessageTerm.conversation_id.in_(bindparam("conversations", expanding=True)),
+            MessageTerm.message_id >= bindparam("arrived"),
+            MessageTerm.message_id < bindparam("before"),
+        )
+        .group_by(MessageTerm.message_id)
+        .order_by(score.desc(), MessageTerm.message_id.desc())
+        .limit(bindparam("limit"))
+    )
+
+
+_BM25 = _bm25_statement()
+
+
 def recall(session: Session, conversation: Conversation, query: str, *, before_id: int, limit: int) -> list[Turn]:
     """Up to ``limit`` turns heard before ``before_id`` that best match ``query`` (BM25), best first."""
     wanted = set(terms(query))
@@ -272,28 +312,29 @@ def recall(session: Session, conversation: Conversation, query: str, *, before_i
     if not stats:
         return []
     df = {term: n for term, n, _ in stats}
-    average = sum(length for _, _, length in stats) / sum(df.values())  # length of the messages that matter
-    total = session.scalar(select(func.count()).where(MessageTerm.term == DOCUMENT, *scope)) or 1
+    average = sum(length for _, _, length in stats) / sum(df.values())  # length of the turns that matter
+    total = session.scalar(
+        select(func.count())
+        .select_from(Message)
+        .where(Message.conversation_id.in_(conversation_ids), Message.id >= arrived, Message.id < before_id)
+    ) or 1
     chosen, budget = [], MAX_POSTINGS
-    for term in sorted(df, key=df.__getitem__):  # rarest first: they carry the meaning
+    for term in sorted(df, key=df.__getitem__)[:QUERY_TERMS]:  # rarest first: they carry the meaning
         if df[term] > budget:
             break
         chosen.append(term)
         budget -= df[term]
-    # BM25, summed by the database over the chosen terms' postings
-    idf = case(
-        *((MessageTerm.term == t, math.log(1 + (total - df[t] + 0.5) / (df[t] + 0.5))) for t in chosen), else_=0.0
-    )
-    tf = MessageTerm.count * 1.0
-    norm = tf + _BM25_K1 * (1 - _BM25_B + _BM25_B * MessageTerm.length / average)
-    score = func.sum(idf * tf * (_BM25_K1 + 1) / norm).label("score")
-    best = session.execute(
-        select(MessageTerm.message_id, score)
-        .where(MessageTerm.term.in_(chosen), *scope)
-        .group_by(MessageTerm.message_id)
-        .order_by(score.desc(), MessageTerm.message_id.desc())
-        .limit(limit)
-    ).all()
+    if not chosen:  # every term is in thousands of turns: none tells them apart
+        return []
+    params: dict[str, Any] = {
+        "chat_id": conversation.chat_id, "conversations": conversation_ids, "arrived": arrived, "before": before_id,
+        "average": average, "limit": limit,
+    }
+    for i in range(QUERY_TERMS):  # a fixed shape, so that the statement is compiled once and cached
+        term = chosen[i] if i < len(chosen) else _NO_TERM
+        params[f"t{i}"] = term
+        params[f"w{i}"] = math.log(1 + (total - df[term] + 0.5) / (df[term] + 0.5)) if term in df else 0.0
+    best = session.execute(_BM25, params).all()
     rank = {message_id: i for i, (message_id, _) in enumerate(best)}
     messages = session.scalars(select(Message).where(Message.id.in_(rank))).all()
     return sorted(_turns(session, messages), key=lambda turn: rank[turn.message_id])

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import logging
 import re
-from functools import lru_cache
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Final
 
 from core.cards import scan_lorebook
 from core.db.models import Character, Conversation, User
-from core.memory import MemoryContext, Turn, memory_context
+from core.memory import MemoryContext, memory_context
 from core.model.api import ImageSegment, Segment, TextSegment
 from core.model.roleplay import response_prompt
 
@@ -96,6 +96,8 @@ class Prompt:
 
 @dataclass(slots=True)
 class _Piece:
+    """One candidate part of the prompt, with its importance and token cost."""
+
     key: str  # what it is, for Prompt.included / dropped
     section: str
     text: str
@@ -114,10 +116,6 @@ def _expand(text: str, char: str, user: str) -> str:
     return _MACRO.sub(lambda m: char if (m.group(1) or m.group(2)).lower() in ("char", "bot") else user, text)
 
 
-def _line(turn: Turn) -> str:
-    return f"{turn.speaker}: {turn.text}"
-
-
 def _pieces(inputs: PromptInputs, count_tokens: Callable[[str], int], lore_budget: int) -> list[_Piece]:
     """Every candidate part of the prompt with its rank."""
     char, user, memory = inputs.character_name, inputs.user_name, inputs.memory
@@ -127,17 +125,16 @@ def _pieces(inputs: PromptInputs, count_tokens: Callable[[str], int], lore_budge
     ]
     if inputs.persona.strip():
         pieces.append(_Piece("persona", "persona", f"About {user}: {inputs.persona.strip()}", 0))
-    for key, text, label, rank in (
-        ("personality", inputs.personality, "Personality: ", 25),
-        ("scenario", inputs.scenario, "Scenario: ", 26),
-        ("system_prompt", inputs.system_prompt, "", 27),
-        ("post_history", inputs.post_history, "", 27.5),
-        ("summary", memory.summary, "", 30),
-        ("opening", inputs.opening, "", 35),
+    for key, section, text, label, rank in (
+        ("personality", "card", inputs.personality, "Personality: ", 25),
+        ("scenario", "card", inputs.scenario, "Scenario: ", 26),
+        ("system_prompt", "system", inputs.system_prompt, "", 27),
+        ("post_history", "post", inputs.post_history, "", 27.5),
+        ("summary", "summary", memory.summary, "", 30),
+        ("opening", "opening", inputs.opening, "", 35),
     ):
         if text.strip():
-            section = {"personality": "card", "scenario": "card", "system_prompt": "system", "post_history": "post"}
-            pieces.append(_Piece(key, section.get(key, key), label + text.strip(), rank))
+            pieces.append(_Piece(key, section, label + text.strip(), rank))
     pieces += [_Piece(f"pinned[{i}]", "facts", f"- {t}", 20 + i / 100) for i, t in enumerate(memory.pinned)]
     pieces += [_Piece(f"extracted[{i}]", "facts", f"- {t}", 45 + i / 100) for i, t in enumerate(memory.extracted)]
     scanned = [turn.text for turn in memory.window] + [inputs.message]
@@ -147,9 +144,8 @@ def _pieces(inputs: PromptInputs, count_tokens: Callable[[str], int], lore_budge
         rank = 10 + age / 100 if age < LATEST_TURNS else 50 + age / 100
         pieces.append(_Piece(f"history[{turn.message_id}]", "history", turn.text, rank, role=turn.speaker))
     # a turn recalled for its relevance beats an old one that is merely recent
-    pieces += [
-        _Piece(f"recalled[{t.message_id}]", "recalled", _line(t), 48 + i / 100) for i, t in enumerate(memory.recalled)
-    ]
+    for i, turn in enumerate(memory.recalled):
+        pieces.append(_Piece(f"recalled[{turn.message_id}]", "recalled", turn.text, 48 + i / 100, role=turn.speaker))
     blocks = [b.strip() for b in re.split(r"(?im)^\s*<START>\s*$", inputs.example_dialogues) if b.strip()]
     pieces += [_Piece(f"example[{i}]", "examples", f"<START>\n{b}", 300 + i) for i, b in enumerate(blocks)]
     for piece in pieces:
@@ -166,7 +162,7 @@ def _render(pieces: Sequence[_Piece], inputs: PromptInputs) -> str:
     for section, heading in _CONTEXT_SECTIONS:
         if section in by_section:
             heading = heading.format(char=inputs.character_name, user=inputs.user_name)
-            blocks.append(heading + "\n".join(p.text for p in by_section[section]))
+            blocks.append(heading + "\n".join(p.line for p in by_section[section]))
     history = sorted(by_section.get("history", []), key=lambda p: -p.rank)  # oldest first: ranks grow with age
     user_text = "\n\n".join(p.text for p in by_section.get("message", []) + by_section.get("post", []))
     return response_prompt(

@@ -7,8 +7,9 @@ number of images, the texts and the consent attestation, all at once or nothing 
 
 Admins (``Settings.is_admin``; the ``cli`` platform is the machine's operator) list, inspect (a contact sheet PNG and
 the persona text), approve (creates the ``train`` Job and its ``TrainingJob``), reject with a reason, cancel, retry,
-and publish once they have read the evaluation report; each action writes an ``AuditEntry``. Every state change leaves a ``Notification`` row for the submitter
-that the bot of their platform delivers: ``pending_notifications(session, platform)`` then ``mark_delivered``.
+and publish once they have read the evaluation report; each action writes an ``AuditEntry``. Every state change
+leaves a ``Notification`` row for the submitter (and review requests for the admins) that the bot of their platform
+delivers: ``pending_notifications(session, platform)``, post ``text`` to ``platform_chat_id``, ``mark_delivered``.
 
 Services take the caller's ``Session`` and never commit; file deletions and task dispatch run after the commit.
 

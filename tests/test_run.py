@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine, create_engine, select
 
 from core.config import Settings
+from core.db.migrate import upgrade
+from core.db.models import Character, Message
 from unichar.run import Children, configured_frontends, private_redis, redis_answers
 
 
@@ -20,7 +27,10 @@ def _dead_url() -> str:
         return f"redis://127.0.0.1:{probe.getsockname()[1]}/3"
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server on PATH")
+needs_redis_server = pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server on PATH")
+
+
+@needs_redis_server
 def test_private_redis_starts_under_data_dir_and_stops(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path / "var", redis_url=_dead_url())
     with private_redis(settings) as url:
@@ -30,7 +40,7 @@ def test_private_redis_starts_under_data_dir_and_stops(tmp_path: Path) -> None:
     assert not redis_answers(url)
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server on PATH")
+@needs_redis_server
 def test_private_redis_moves_to_a_free_port_when_the_configured_one_is_taken(tmp_path: Path) -> None:
     with socket.socket() as squatter:  # something that is not Redis holds the port
         squatter.bind(("127.0.0.1", 0))
@@ -78,18 +88,8 @@ def test_children_are_stopped_in_reverse_order_and_logged_to_files(tmp_path: Pat
     assert "usage: unichar" in (tmp_path / "logs" / "first.log").read_text()
 
 
-@pytest.mark.integration
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server on PATH")
-def test_unichar_run_on_embedded_defaults_chats_and_stops_everything(tmp_path: Path) -> None:
-    """The README's run command, minus the install: fresh folder, no Redis, no model -> a reply in the terminal."""
-    import os
-    import subprocess
-
-    from sqlalchemy import create_engine, select
-
-    from core.db.migrate import upgrade
-    from core.db.models import Character, Message
-
+def _main_job(tmp_path: Path) -> tuple[list[str], dict[str, str], Engine]:
+    """The command, environment and SQL engine of ``unichar run`` in a fresh folder with one character."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNICHAR_")}
     env |= {"UNICHAR_REDIS_URL": _dead_url(), "UNICHAR_MAX_REPLY_TOKENS": "4", "UNICHAR_LOG_LEVEL": "INFO"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
@@ -98,8 +98,20 @@ def test_unichar_run_on_embedded_defaults_chats_and_stops_everything(tmp_path: P
     engine = create_engine(f"sqlite:///{database}")
     with engine.begin() as connection:
         connection.execute(Character.__table__.insert().values(name="Alice", description="A cheerful sailor."))
+    return [sys.executable, "-m", "unichar", "run"], env, engine
+
+
+def _private_redis_url(stderr: str) -> str:
+    return next(line for line in stderr.splitlines() if "private Redis at" in line).split()[-4]
+
+
+@pytest.mark.integration
+@needs_redis_server
+def test_unichar_run_on_embedded_defaults_chats_and_stops_everything(tmp_path: Path) -> None:
+    """The README's run command, minus the install: fresh folder, no Redis, no model -> a reply in the terminal."""
+    command, env, engine = _main_job(tmp_path)
     result = subprocess.run(
-        [sys.executable, "-m", "unichar", "run"],
+        command,
         input="/characters\nhello there\n/quit\n",
         capture_output=True,
         text=True,
@@ -116,5 +128,45 @@ def test_unichar_run_on_embedded_defaults_chats_and_stops_everything(tmp_path: P
     logs = tmp_path / "var" / "logs"
     for name in ("worker-chat-image", "worker-train"):
         assert "Warm shutdown" in (logs / f"{name}.log").read_text()  # stopped cleanly, not killed
-    private_url = next(line for line in result.stderr.splitlines() if "private Redis at" in line).split()[-4]
-    assert not redis_answers(private_url)
+    assert not redis_answers(_private_redis_url(result.stderr))
+
+
+@pytest.mark.integration
+@needs_redis_server
+def test_a_dying_child_ends_the_main_job(tmp_path: Path) -> None:
+    """A worker killed under the console: the main job notices, stops the rest and exits non-zero."""
+    command, env, _engine = _main_job(tmp_path)
+    process = subprocess.Popen(
+        command,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        assert "Talking as" in process.stdout.readline() + process.stdout.readline()  # the console is up
+        started = _read_log_until(process, "started sweeper")
+        os.kill(int(re.search(r"started worker-train \(pid (\d+)\)", started)[1]), signal.SIGKILL)
+        process.wait(120)  # stdin stays open: the console would end on its own at end of input
+        rest = process.stderr.read()  # type: ignore[union-attr]
+    finally:
+        process.kill()
+        process.communicate()
+    assert process.returncode == 1
+    assert "worker-train exited with code -9; stopping the main job" in rest
+    assert "Warm shutdown" in (tmp_path / "var" / "logs" / "worker-chat-image.log").read_text()
+    assert not redis_answers(_private_redis_url(started))
+
+
+def _read_log_until(process: subprocess.Popen[str], marker: str) -> str:
+    """The main job's stderr up to the line holding ``marker``."""
+    assert process.stderr is not None
+    seen = []
+    for line in process.stderr:
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError("".join(seen))

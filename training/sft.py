@@ -153,11 +153,13 @@ def sample_batch(
         if used + count(sample) <= budget or not batch:
             batch.append(sample)
             used += count(sample)
-    for _ in range(4 * len(samples)):  # fill; a few misses end it
+    misses = 0
+    while misses < 8:  # fill; eight draws in a row that do not fit end it
         sample = draw(names[int(torch.multinomial(probs, 1, generator=generator))])
         need = count(sample)
         if used + need > budget:
-            break
+            misses += 1
+            continue
         batch.append(sample)
         used += need
     return batch
@@ -355,3 +357,38 @@ def _export(
                            data_hash=data_hash, targets=config.targets)
         save_adapter(path, tensors, meta)
     return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``torchrun --nproc-per-node N -m training.sft ...``: one SFT run over several GPUs (FSDP)."""
+    import argparse
+
+    from core.media import FileStore
+    from core.model.lora import base_model_hash
+    from training.annotate import read_jsonl
+
+    parser = argparse.ArgumentParser(prog="python -m training.sft", description=main.__doc__)
+    parser.add_argument("--model-dir", type=Path, required=True, help="the base model folder (official layout)")
+    parser.add_argument("--annotations", type=Path, required=True, help="annotations.jsonl of a training job")
+    parser.add_argument("--files", type=Path, required=True, help="the file store root holding the images")
+    parser.add_argument("--work-dir", type=Path, required=True, help="checkpoints and the output go here")
+    parser.add_argument("--recipe", default="{}", help='JSON overrides of SFTConfig, e.g. {"steps": 501}')
+    parser.add_argument("--full-finetune", action="store_true", help="train every weight (the paper's recipe)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    annotation = read_jsonl(args.annotations)
+    store = FileStore(args.files)
+    keys = {p.key for s in annotation.train for p in s.parts if isinstance(p, ImagePart)}
+    images = {key: Image.open(store.path(key)) for key in keys}
+    config = SFTConfig.from_recipe(json.loads(args.recipe), **({"full_finetune": True} if args.full_finetune else {}))
+    result = run_sft(args.model_dir, annotation.train, images, args.work_dir, config,
+                     base_hash=base_model_hash(args.model_dir), data_hash=annotation.data_hash(),
+                     on_step=lambda r: log.info("step %s/%s loss %.4f eta %.0fs", r.step, r.total, r.loss, r.eta_s))
+    log.info("wrote %s", result.output)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -15,13 +15,19 @@ from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
 
-from core.model.api import ImageContexts, ImageParams, ImageSegment, TextParams, TextSegment
+from core.model.api import (
+    ImageContexts,
+    ImageParams,
+    ImageSegment,
+    TextParams,
+    TextSegment,
+)
 
 if TYPE_CHECKING:
     from core.config import Settings
     from core.model.runtime import UniCharacterRuntime
 
-__all__ = ["add_subparsers", "init_tiny", "inspect", "generate", "ask"]
+__all__ = ["add_subparsers", "ask", "generate", "init_tiny", "inspect"]
 
 log = logging.getLogger(__name__)
 

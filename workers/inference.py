@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import secrets
 from typing import TYPE_CHECKING
 
@@ -29,12 +30,26 @@ if TYPE_CHECKING:
 
     from workers.context import WorkerContext
 
-__all__ = ["FollowUp", "build_image_contexts", "run_chat", "run_image", "run_summary", "SUMMARY_TEMPERATURE"]
+__all__ = [
+    "clean_text",
+    "FollowUp",
+    "build_image_contexts",
+    "run_chat",
+    "run_image",
+    "run_summary",
+    "SUMMARY_TEMPERATURE",
+]
 
 logger = logging.getLogger(__name__)
 
 FollowUp = tuple[int, JobKind]  # a job the runner queued, to dispatch after its commit
 SUMMARY_TEMPERATURE = 0.3  # summaries should be faithful rather than creative
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # C0 controls but tab and newline: no frontend shows them
+
+
+def clean_text(text: str) -> str:
+    """Model text as stored and streamed: control characters removed (the same for a piece and the whole)."""
+    return _CONTROL.sub("", text)
 
 
 def _rows(session: Session, claim: Claim) -> tuple[Conversation, Character]:
@@ -81,11 +96,11 @@ def run_chat(ctx: WorkerContext, claim: Claim) -> list[FollowUp]:
 
     def on_text(piece: str) -> None:
         watch.check()
-        if piece:
+        if piece := clean_text(piece):
             emit(ctx, claim.job_id, TextDelta(piece))
 
     params = TextParams(settings.max_reply_tokens, settings.temperature, settings.top_p, claim.params.get("seed"))
-    text = model.generate_text(prompt.segments, params, on_text=on_text, adapter=adapter)
+    text = clean_text(model.generate_text(prompt.segments, params, on_text=on_text, adapter=adapter))
     watch.check()
     follow_ups: list[FollowUp] = []
 

@@ -19,15 +19,7 @@ from sqlalchemy import select, update
 
 from core.db import repositories as repo
 from core.db.models import Conversation, Job, utcnow
-from core.jobs import (
-    TERMINAL_STATES,
-    Done,
-    Failed,
-    JobEvent,
-    JobKind,
-    JobState,
-    Progress,
-)
+from core.jobs import TERMINAL_STATES, Done, Failed, JobEvent, JobKind, JobState, Progress
 from core.streams import publish
 
 if TYPE_CHECKING:
@@ -37,7 +29,19 @@ if TYPE_CHECKING:
 
     from workers.context import WorkerContext
 
-__all__ = ["Claim", "JobError", "Stop", "Superseded", "Cancelled", "TimedOut", "Watch", "claim", "complete", "fail", "emit"]
+__all__ = [
+    "Claim",
+    "JobError",
+    "Stop",
+    "Superseded",
+    "Cancelled",
+    "TimedOut",
+    "Watch",
+    "claim",
+    "complete",
+    "fail",
+    "emit",
+]
 
 logger = logging.getLogger(__name__)
 

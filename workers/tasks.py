@@ -17,6 +17,7 @@ from workers.celery_app import app
 from workers.context import WorkerContext, get_context
 from workers.inference import FollowUp, run_chat, run_image, run_summary
 from workers.lifecycle import Cancelled, Claim, JobError, Superseded, TimedOut, claim, emit, fail
+from workers.training_runner import run_train
 
 __all__ = ["RUNNERS", "run_job", "dispatch", "execute"]
 
@@ -26,6 +27,7 @@ RUNNERS: Final[dict[JobKind, Callable[[WorkerContext, Claim], list[FollowUp]]]] 
     JobKind.CHAT: run_chat,
     JobKind.IMAGE: run_image,
     JobKind.SUMMARY: run_summary,
+    JobKind.TRAIN: run_train,
 }
 
 
@@ -74,4 +76,3 @@ def run_job(self, job_id: int) -> None:  # type: ignore[no-untyped-def]
     """Run the job ``job_id``; a redelivery (its first worker died) may take over a running job."""
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     execute(get_context(), int(job_id), redelivered)
-

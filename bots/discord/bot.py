@@ -26,8 +26,8 @@ from bots.discord import commands, guilds
 from bots.discord.buttons import ImageButton
 from bots.discord.intake import read_images
 from bots.discord.renderer import DiscordRenderer, persona_of_job
-from bots.discord.routing import PLATFORM, clean_text, incoming, is_addressed
-from bots.discord.voice import NO_PINGS, Posted, Speaker, WebhookPool
+from bots.discord.routing import PLATFORM, clean_text, incoming, is_addressed, replied_to
+from bots.discord.voice import NO_PINGS, Persona, Posted, Speaker, WebhookPool
 from bots.render import DISCORD_LIMIT, split_text
 from core.chat import Answer, JobQueued
 from core.db import repositories as repo
@@ -136,9 +136,8 @@ class UniBot(discord.Client):
         if message.author.bot or message.webhook_id is not None:
             return
         place = await asyncio.to_thread(self._place, message.channel)
-        hook = None
-        if message.reference is not None and message.guild is not None:
-            hook = await self.pool.get(message.channel)
+        parent = replied_to(message)
+        hook = await self.pool.find(message.channel) if parent is not None and parent.webhook_id else None
         if not is_addressed(message, self.user.id, hook.id if hook else None, listening=place.listen):
             return
         if not place.allowed:
@@ -284,7 +283,7 @@ class UniBot(discord.Client):
         if message is None or interaction.channel is None:
             return
         assert self.pool is not None
-        speaker = Speaker(interaction.channel, persona_of_job(self.sessions, job_id, ""), self.pool)  # type: ignore[arg-type]
+        speaker = Speaker(interaction.channel, Persona(""), self.pool)  # type: ignore[arg-type]  # deleting needs no face
         try:
             await speaker.delete(Posted(message.id, message.channel.id, message.webhook_id is not None))
         except discord.HTTPException as exc:

@@ -127,9 +127,13 @@ async def character_list(interaction: Interaction[Any]) -> None:
 async def character_use(interaction: Interaction[Any], name: str) -> None:
     """Talk to another character (in a server channel: for everyone in it)."""
     bot = _bot(interaction)
+    channel = interaction.channel
+    age_restricted = channel is not None and guilds.is_age_restricted(channel)  # type: ignore[arg-type]
+    if interaction.guild_id is not None and not age_restricted and await asyncio.to_thread(_nsfw, bot, name):
+        await _say(interaction, "⚠️ That character is adults-only and speaks only in age-restricted channels.")
+        return
     outcome = await bot.ask(interaction, f"/use {name}")
-    refusal = await bot.interaction_gate(interaction) if isinstance(outcome, Answer) else None
-    await _say(interaction, refusal or outcome_text(outcome), ephemeral=interaction.guild_id is None)
+    await _say(interaction, outcome_text(outcome), ephemeral=interaction.guild_id is None)
 
 
 def _info(bot: UniBot, name: str) -> discord.Embed | None:

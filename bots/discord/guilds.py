@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 
     from core.db.models import Chat
 
-__all__ = ["PLATFORM", "Place", "guild_key", "home_channel", "place_of", "allow_channel", "set_listen"]
+__all__ = [
+    "PLATFORM", "Place", "guild_key", "home_channel", "is_age_restricted", "place_of", "allow_channel", "set_listen"
+]
 
 PLATFORM = "discord"
 
@@ -37,7 +39,8 @@ def home_channel(channel: discord.abc.Messageable) -> discord.abc.Messageable:
     return channel
 
 
-def _is_nsfw(channel: discord.abc.Messageable) -> bool:
+def is_age_restricted(channel: discord.abc.Messageable) -> bool:
+    """Whether Discord marks the channel (or a thread's parent) age-restricted."""
     home = home_channel(channel)
     return bool(getattr(home, "is_nsfw", lambda: False)())
 
@@ -60,7 +63,7 @@ def place_of(session: Session, channel: discord.abc.Messageable) -> Place:
     guild_row = repo.get_or_create_chat(session, PLATFORM, guild_key(guild.id), is_group=True)
     channels = [int(c) for c in (guild_row.settings or {}).get("channels", [])]
     row = repo.get_or_create_chat(session, PLATFORM, str(channel.id), is_group=True)  # type: ignore[attr-defined]
-    nsfw = _is_nsfw(channel)
+    nsfw = is_age_restricted(channel)
     if row.nsfw_allowed != nsfw:
         row.nsfw_allowed = nsfw
     listen = bool((row.settings or {}).get("listen")) or _listens(session, home, channel)

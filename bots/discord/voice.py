@@ -68,14 +68,22 @@ class WebhookPool:
 
     async def get(self, channel: discord.abc.Messageable) -> discord.Webhook | None:
         """The webhook to speak through in ``channel``, or None when the bot must speak as itself."""
+        return await self._lookup(channel, create=True)
+
+    async def find(self, channel: discord.abc.Messageable) -> discord.Webhook | None:
+        """The bot's webhook in ``channel`` if it already has one; never creates one."""
+        return await self._lookup(channel, create=False)
+
+    async def _lookup(self, channel: discord.abc.Messageable, *, create: bool) -> discord.Webhook | None:
         parent = _hook_channel(channel)
         if parent is None or not parent.permissions_for(parent.guild.me).manage_webhooks:
             return None
         lock = self._locks.setdefault(parent.id, asyncio.Lock())
         async with lock:  # two replies arriving together must not create two webhooks
-            if parent.id not in self._hooks:
-                self._hooks[parent.id] = await self._find_or_create(parent)
-            return self._hooks[parent.id]
+            hook = self._hooks.get(parent.id)
+            if hook is None and (create or parent.id not in self._hooks):
+                hook = self._hooks[parent.id] = await self._find_or_create(parent, create=create)
+            return hook
 
     def forget(self, channel: discord.abc.Messageable) -> None:
         """Drop the cached webhook of ``channel`` (deleted on Discord's side, or permissions changed)."""
@@ -83,12 +91,14 @@ class WebhookPool:
         if parent is not None:
             self._hooks.pop(parent.id, None)
 
-    async def _find_or_create(self, parent: discord.TextChannel | discord.ForumChannel) -> discord.Webhook | None:
+    async def _find_or_create(
+        self, parent: discord.TextChannel | discord.ForumChannel, *, create: bool
+    ) -> discord.Webhook | None:
         try:
             hooks = await parent.webhooks()
             mine = [h for h in hooks if h.user is not None and h.user.id == self._bot_id and h.token]
-            if mine:
-                return mine[0]
+            if mine or not create:
+                return mine[0] if mine else None
             if len(hooks) >= WEBHOOK_CAP:
                 log.info("channel %s already has %s webhooks; speaking as the bot there", parent.id, len(hooks))
                 return None

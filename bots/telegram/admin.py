@@ -13,7 +13,7 @@ from bots.telegram.context import BotContext, in_session
 from bots.telegram.incoming import PLATFORM
 from core.submissions import Actor, Inspection, QueueItem, SubmissionError
 
-__all__ = ["queue", "review", "approve", "reject"]
+__all__ = ["approve", "queue", "reject", "review"]
 
 
 def _actor(update: Update) -> Actor:

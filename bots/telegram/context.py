@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from core.media import FileStore
     from core.submissions import Submissions
 
-__all__ = ["Services", "BotContext", "in_session"]
+__all__ = ["BotContext", "Services", "in_session"]
 
 T = TypeVar("T")
 

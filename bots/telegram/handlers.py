@@ -33,33 +33,33 @@ from core import memory
 from core.chat import COMMANDS, Answer, ChatOutcome, JobQueued, Refusal
 from core.db import repositories as repo
 from core.db.models import Character, Conversation, Job, User
-from core.jobs import Attachment, IncomingMessage, JobKind, Progress
+from core.jobs import Attachment, IncomingMessage, Progress
 
 __all__ = [
     "EXTRA_COMMANDS",
-    "help_text",
-    "start",
-    "characters",
-    "use",
-    "imagine",
-    "status",
-    "help_command",
-    "reset",
-    "memory_command",
-    "remember",
-    "forget",
-    "persona",
-    "chat_message",
-    "picture_message",
-    "unsupported_message",
-    "unknown_command",
-    "edited_message",
-    "pick_character",
-    "confirm_reset",
-    "image_button",
-    "memory_button",
-    "chat_member",
     "ask",
+    "characters",
+    "chat_member",
+    "chat_message",
+    "confirm_reset",
+    "edited_message",
+    "forget",
+    "help_command",
+    "help_text",
+    "image_button",
+    "imagine",
+    "memory_button",
+    "memory_command",
+    "persona",
+    "pick_character",
+    "picture_message",
+    "remember",
+    "reset",
+    "start",
+    "status",
+    "unknown_command",
+    "unsupported_message",
+    "use",
 ]
 
 log = logging.getLogger(__name__)

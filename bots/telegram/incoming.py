@@ -19,7 +19,7 @@ from telegram import Bot, Chat, Message, MessageEntity, Update
 
 from core.jobs import Attachment, IncomingMessage
 
-__all__ = ["PLATFORM", "is_group", "incoming", "addressed_text", "picture_of", "download", "TooLarge", "AlbumCollector"]
+__all__ = ["PLATFORM", "AlbumCollector", "TooLarge", "addressed_text", "download", "incoming", "is_group", "picture_of"]
 
 log = logging.getLogger(__name__)
 

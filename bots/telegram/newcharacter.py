@@ -21,13 +21,34 @@ from typing import Final
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Message, Update
-from telegram.ext import BaseHandler, CallbackQueryHandler, CommandHandler, ConversationHandler, MessageHandler, filters
+from telegram.ext import (
+    BaseHandler,
+    CallbackQueryHandler,
+    CommandHandler,
+    ConversationHandler,
+    MessageHandler,
+    filters,
+)
 from telegram.warnings import PTBUserWarning
 
 from bots.telegram.context import BotContext, Services, in_session
-from bots.telegram.incoming import PLATFORM, AlbumCollector, TooLarge, download, is_group, picture_of
+from bots.telegram.incoming import (
+    PLATFORM,
+    AlbumCollector,
+    TooLarge,
+    download,
+    is_group,
+    picture_of,
+)
 from core.db.models import CharacterSubmission, User
-from core.submissions import CONSENT_TEXT, Actor, State, Step, SubmissionError, Submissions
+from core.submissions import (
+    CONSENT_TEXT,
+    Actor,
+    State,
+    Step,
+    SubmissionError,
+    Submissions,
+)
 
 __all__ = ["conversation", "load_drafting"]
 

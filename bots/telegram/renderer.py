@@ -26,7 +26,7 @@ from bots.delivery import Action, MessageGone, RecipientGone, Target
 from bots.render import TELEGRAM_LIMIT, RetryLater, utf16_len
 from core.jobs import JobKind
 
-__all__ = ["TelegramRenderer", "telegram_errors", "retry_seconds", "fit_photo", "image_buttons", "PHOTO_MAX_BYTES"]
+__all__ = ["PHOTO_MAX_BYTES", "TelegramRenderer", "fit_photo", "image_buttons", "retry_seconds", "telegram_errors"]
 
 log = logging.getLogger(__name__)
 

@@ -175,7 +175,14 @@ def create_job(
     return job
 
 
+USER_KINDS = (JobKind.CHAT, JobKind.IMAGE)  # what users ask for; summaries and training run on their behalf
+
+
 def open_jobs(session: Session, user_id: int) -> Sequence[Job]:
-    """A user's jobs that are not finished, oldest first."""
-    query = select(Job).where(Job.user_id == user_id, Job.state.not_in(list(TERMINAL_STATES))).order_by(Job.id)
+    """A user's replies and pictures that are not finished, oldest first."""
+    query = (
+        select(Job)
+        .where(Job.user_id == user_id, Job.kind.in_(USER_KINDS), Job.state.not_in(list(TERMINAL_STATES)))
+        .order_by(Job.id)
+    )
     return session.scalars(query).all()

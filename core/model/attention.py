@@ -19,7 +19,7 @@ try:  # decided once, at import (karpathy/nanochat flash_attention.py)
 except ImportError:  # CPU machines and GPUs without the package
     _flash_attn_func = None
 
-__all__ = ["attend", "HAS_FLASH_ATTN"]
+__all__ = ["HAS_FLASH_ATTN", "attend"]
 
 HAS_FLASH_ATTN = _flash_attn_func is not None
 
@@ -53,14 +53,14 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
 
 def _math(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
     # Decoding: a handful of queries against a long cache is two batched GEMVs; fused kernels parallelise over
-    # query blocks and would leave most of the GPU idle here.
+    # query blocks and would leave most of the GPU idle here. Scores and weights stay float32, as in the kernels.
     B, H, L, D = q.shape
     Hk = k.shape[1]
-    qf = q.reshape(B, Hk, (H // Hk) * L, D)
-    scores = (qf @ k.transpose(-1, -2)).float() * D**-0.5  # [B, Hk, G*L, Lk]
+    qf = q.reshape(B, Hk, (H // Hk) * L, D).float()
+    scores = (qf @ k.float().transpose(-1, -2)) * D**-0.5  # [B, Hk, G*L, Lk]
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    return (scores.softmax(dim=-1).to(v.dtype) @ v).reshape(B, H, L, D)
+    return (scores.softmax(dim=-1) @ v.float()).to(v.dtype).reshape(B, H, L, D)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_mask: Tensor | None = None) -> Tensor:

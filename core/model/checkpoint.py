@@ -29,11 +29,11 @@ from core.model.vae import AutoEncoder
 __all__ = [
     "CheckpointError",
     "TensorSource",
+    "check_model_dir",
     "expected_shapes",
-    "plan_sources",
     "load_bagel",
     "load_vae",
-    "check_model_dir",
+    "plan_sources",
 ]
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,9 @@ def _is_llm_only(keys: list[str]) -> bool:
     return any(k.startswith(("model.", "lm_head.")) for k in keys) and not any(k.startswith(LLM_PREFIX) for k in keys)
 
 
-def plan_sources(model_dir: Path, checkpoint: Path | None = None, vit_checkpoint: Path | None = None) -> dict[str, TensorSource]:
+def plan_sources(
+    model_dir: Path, checkpoint: Path | None = None, vit_checkpoint: Path | None = None
+) -> dict[str, TensorSource]:
     """Map every model tensor name to the file and key it is read from."""
     base = model_dir / "ema.safetensors"
     if checkpoint is None:
@@ -94,7 +96,9 @@ def plan_sources(model_dir: Path, checkpoint: Path | None = None, vit_checkpoint
         if vit_checkpoint is not None:
             raise CheckpointError(f"{checkpoint} is a full checkpoint; vit_checkpoint applies to LLM-only files")
         return {k: TensorSource(checkpoint, k) for k in keys}
-    sources = {(k if k.startswith(LLM_PREFIX) else LLM_PREFIX + k): TensorSource(checkpoint, k) for k in keys}
+    sources = {
+        (LLM_PREFIX + k if k.startswith(("model.", "lm_head.")) else k): TensorSource(checkpoint, k) for k in keys
+    }
     companion = vit_checkpoint or base
     for key in _keys(companion):
         if key.startswith(VIT_SIDE) or (key.startswith(GEN_HEADS) and key not in sources):
@@ -146,7 +150,7 @@ def load_vae(path: Path, *, device: torch.device, dtype: torch.dtype = torch.flo
     with ExitStack() as stack:
         f = _open(path, stack)
         try:
-            state = {k: f.get_tensor(k).to(dtype=dtype) for k in f.keys()}
+            state = {k: f.get_tensor(k).to(dtype=dtype) for k in f.keys()}  # noqa: SIM118 (not a dict)
             vae = AutoEncoder.from_state_dict(state, device=device)
         except ValueError as exc:
             raise CheckpointError(f"{path}: {exc}") from exc

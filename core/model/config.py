@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from core.model.vit import SiglipVisionConfig
 
-__all__ = ["LLMConfig", "BagelConfig", "from_checkpoint_dir", "full_size_config"]
+__all__ = ["BagelConfig", "LLMConfig", "from_checkpoint_dir", "full_size_config"]
 
 
 @dataclass(frozen=True)
@@ -89,10 +89,12 @@ def _vae_latent_channels(path: Path) -> int:
     """FLUX's z_channels, read off the autoencoder's header (the file has no config, MODEL.md 11.3)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path.name} is missing in {path.parent}")
-    with safe_open(str(path), framework="pt") as f:
-        if "encoder.conv_out.weight" not in f.keys():
-            raise ValueError(f"{path} has no encoder.conv_out.weight: not a FLUX autoencoder")
-        return f.get_slice("encoder.conv_out.weight").get_shape()[0] // 2  # mean and logvar
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shape = f.get_slice("encoder.conv_out.weight").get_shape()
+    except Exception as exc:  # safetensors raises its own error types for bad headers and absent keys
+        raise ValueError(f"{path} is not a FLUX autoencoder file: {exc}") from exc
+    return shape[0] // 2  # the encoder outputs mean and logvar
 
 
 def from_checkpoint_dir(directory: str | Path) -> BagelConfig:

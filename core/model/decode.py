@@ -15,9 +15,8 @@ from torch import Tensor
 
 from core.model.bagel import Bagel
 from core.model.kv_cache import CacheSpan, KVCache
-from core.model.lora import active_adapter
 
-__all__ = ["TextDecoder", "CACHE_BUCKET"]
+__all__ = ["CACHE_BUCKET", "TextDecoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +60,21 @@ class TextDecoder:
         self.key_mask.zero_()
         self.key_mask[:, :length] = True
 
-    def step(self) -> Tensor:
-        """Logits ``[1, V]`` (float32) after feeding the current token; valid until the next step."""
+    def step(self, *, eager: bool = False) -> Tensor:
+        """Logits ``[1, V]`` (float32) after feeding the current token; valid until the next step.
+
+        ``eager`` bypasses the graph: the caller passes True while a LoRA adapter is active.
+        """
         self.key_mask.index_fill_(1, self.write, True)
-        if not self.use_graphs or active_adapter(self.model) is not None:
+        if eager or not self.use_graphs:
             return self._forward()
         if self._graph is None:
-            self._capture()
+            try:
+                self._capture()
+            except RuntimeError:  # a kernel that cannot be captured: decode eagerly rather than fail the request
+                logger.exception("CUDA graph capture of the decode step failed; decoding eagerly from now on")
+                self.use_graphs = False
+                return self._forward()
         self._graph.replay()
         return self._logits
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["KVCache", "CacheSpan"]
+__all__ = ["CacheSpan", "KVCache"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +22,8 @@ class CacheSpan:
 
     ``write`` is an int for prefill, or a 1-element device tensor for decoding with static shapes (then ``end``
     is the capacity and ``key_mask`` hides the unwritten tail). ``key_mask`` ``[rows, end - start]`` is True
-    for keys a row may see; None means all.
+    for keys a row may see; None means all. ``row_starts`` gives each row's own first key instead (left-padded CFG
+    rows): attention then runs per row on its slice, with no mask, so the fused kernels apply.
     """
 
     rows: slice
@@ -30,6 +31,7 @@ class CacheSpan:
     write: int | Tensor
     end: int
     key_mask: Tensor | None = None
+    row_starts: tuple[int, ...] | None = None
 
 
 class KVCache:
@@ -62,7 +64,7 @@ class KVCache:
             vc[:, :, span.write : span.write + v.shape[2]] = v
         return kc[:, :, span.start : span.end], vc[:, :, span.start : span.end]
 
-    def fan_out(self, src: int, dst: int, start: int, end: int) -> None:
-        """Copy row ``src``'s positions ``[start, end)`` into row ``dst``: one prefill shared by two branches."""
-        self.k[:, dst, :, start:end] = self.k[:, src, :, start:end]
-        self.v[:, dst, :, start:end] = self.v[:, src, :, start:end]
+    def fan_out(self, src: int, src_start: int, dst: int, dst_start: int, length: int) -> None:
+        """Copy ``length`` positions of row ``src`` into row ``dst``: one prefill shared by several CFG branches."""
+        self.k[:, dst, :, dst_start : dst_start + length] = self.k[:, src, :, src_start : src_start + length]
+        self.v[:, dst, :, dst_start : dst_start + length] = self.v[:, src, :, src_start : src_start + length]

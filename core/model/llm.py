@@ -24,7 +24,14 @@ from core.model.config import LLMConfig
 from core.model.kv_cache import CacheSpan, KVCache
 
 __all__ = [
-    "RMSNorm", "Qwen2MLP", "MoTAttention", "MoTDecoderLayer", "Qwen2MoTModel", "Qwen2MoTForCausalLM", "Rope", "norm_rope",
+    "MoTAttention",
+    "MoTDecoderLayer",
+    "Qwen2MLP",
+    "Qwen2MoTForCausalLM",
+    "Qwen2MoTModel",
+    "RMSNorm",
+    "Rope",
+    "norm_rope",
 ]
 
 GEN = "_moe_gen"  # name suffix of the generation expert's weights
@@ -68,7 +75,6 @@ class Rope:
         self.cos, self.sin = emb.cos(), emb.sin()
 
 
-
 def norm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -> Tensor:
     """Q/K RMSNorm over the head dim, then rotate-half RoPE, in float32 (MODEL.md 2.3); cast back to ``x``'s dtype."""
     h = x.float()
@@ -99,7 +105,8 @@ class MoTAttention(nn.Module):
 
     def __init__(self, cfg: LLMConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         for sfx in ("", GEN):
             setattr(self, f"q_proj{sfx}", nn.Linear(cfg.hidden_size, q_dim, bias=True))
@@ -118,10 +125,9 @@ class MoTAttention(nn.Module):
             q = getattr(self, f"q_proj{sfx}")(h).view(B, L, self.num_heads, self.head_dim)
             k = getattr(self, f"k_proj{sfx}")(h).view(B, L, self.num_kv_heads, self.head_dim)
             q_norm, k_norm = getattr(self, f"q_norm{sfx}"), getattr(self, f"k_norm{sfx}")
-            return torch.cat([
-                self.norm_rope(q, q_norm.weight, q_norm.eps, rope.cos, rope.sin),
-                self.norm_rope(k, k_norm.weight, k_norm.eps, rope.cos, rope.sin),
-            ], dim=2)
+            # one fused call for both: each head row gets its own norm's weight (same eps by construction)
+            weight = torch.cat([q_norm.weight.expand(self.num_heads, -1), k_norm.weight.expand(self.num_kv_heads, -1)])
+            return self.norm_rope(torch.cat([q, k], dim=2), weight, q_norm.eps, rope.cos, rope.sin)
 
         return project
 
@@ -135,11 +141,18 @@ class MoTAttention(nn.Module):
         q, k = qk.transpose(1, 2).split([self.num_heads, self.num_kv_heads], dim=1)  # [B, heads, L, D]
         v = _route(h, self.v_proj, self.v_proj_moe_gen, mixed).view(B, L, self.num_kv_heads, self.head_dim)
         v = v.transpose(1, 2)
-        key_mask = None
-        if cache is not None:
+        if cache is None:
+            out = attend(q, k, v, causal=causal)
+        else:
             k, v = cache.update(layer, span, k, v)
-            key_mask = span.key_mask
-        out = attend(q, k, v, causal=causal, key_mask=key_mask)
+            if span.row_starts is None:
+                out = attend(q, k, v, causal=causal, key_mask=span.key_mask)
+            else:  # left-padded rows: each attends to its own slice (batching buys nothing at this size)
+                own = [slice(s - span.start, None) for s in span.row_starts]
+                out = torch.cat([
+                    attend(q[b : b + 1], k[b : b + 1, :, keys], v[b : b + 1, :, keys], causal=causal)
+                    for b, keys in enumerate(own)
+                ])
         return out.transpose(1, 2).reshape(B, L, -1)
 
 
@@ -182,6 +195,9 @@ class Qwen2MoTModel(nn.Module):
 
     def compile_kernels(self) -> None:
         """Fuse the element-wise work (norms, Q/K norm + RoPE, gated MLP) with ``torch.compile``; GPU use."""
+        if getattr(self, "kernels_compiled", False):
+            return
+        self.kernels_compiled = True
         fused = torch.compile(norm_rope, dynamic=True)
         for module in self.modules():
             if isinstance(module, MoTAttention):

@@ -98,9 +98,9 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.lora_A is None:
             return y
-        # low-rank path in the factors' dtype (fp32 master factors while training on a bf16 base)
-        h = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
-        return y + (h * self.scaling).to(y.dtype)
+        # low-rank path in the activations' dtype; fp32 master factors (training on a bf16 base) are cast, like autocast
+        h = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return y + h * self.scaling
 
     def extra_repr(self) -> str:
         rank = 0 if self.lora_A is None else self.lora_A.shape[0]

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 __all__ = [
     "THINK_INSTRUCTION",
     "Thinking",
-    "response_prompt",
-    "thinking_prompt",
     "parse_thinking",
+    "response_prompt",
     "scene_image_prompt",
+    "thinking_prompt",
 ]
 
 THINK_INSTRUCTION = (

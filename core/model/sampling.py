@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["sample_next", "mask_padding_rows"]
+__all__ = ["mask_padding_rows", "sample_next"]
 
 
 def mask_padding_rows(logits: Tensor, vocab_used: int) -> Tensor:

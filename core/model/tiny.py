@@ -15,7 +15,15 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
 from torch import nn
 
 from core.model.bagel import Bagel, init_random_
@@ -24,7 +32,7 @@ from core.model.tokenizer import BagelTokenizer
 from core.model.vae import AutoEncoder, AutoEncoderParams
 from core.model.vit import SiglipVisionConfig
 
-__all__ = ["write_tiny_model", "tiny_tokenizer", "random_vae", "TINY_LLM", "TINY_VIT"]
+__all__ = ["TINY_LLM", "TINY_VIT", "random_vae", "tiny_tokenizer", "write_tiny_model"]
 
 TINY_LLM = LLMConfig(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -146,5 +154,6 @@ def write_tiny_model(directory: Path, seed: int = 0) -> Path:
     model = init_random_(Bagel(BagelConfig(llm=TINY_LLM, vit=TINY_VIT)), seed=seed)
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}  # published in bf16
     save_file(state, str(directory / "ema.safetensors"))
-    save_file({k: v.contiguous() for k, v in random_vae(AutoEncoderParams.tiny(), seed).state_dict().items()}, str(directory / "ae.safetensors"))
+    vae = random_vae(AutoEncoderParams.tiny(), seed)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(directory / "ae.safetensors"))
     return directory

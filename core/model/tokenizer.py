@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-__all__ = ["BagelTokenizer", "SpecialTokens", "load_tokenizer", "SPECIAL_TOKENS"]
+__all__ = ["SPECIAL_TOKENS", "BagelTokenizer", "SpecialTokens", "load_tokenizer"]
 
 # The four tokens BAGEL's add_special_tokens() guarantees, plus Qwen's document separator.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>")

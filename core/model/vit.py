@@ -25,7 +25,9 @@ try:  # packed images in one kernel call on GPU; absent on CPU-only installs
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_varlen_func = None
 
-__all__ = ["SiglipVisionConfig", "SiglipVisionModel", "ImageSegments", "per_image_attention", "conv_to_linear_patch_weight"]
+__all__ = [
+    "SiglipVisionConfig", "SiglipVisionModel", "ImageSegments", "per_image_attention", "conv_to_linear_patch_weight",
+]
 
 
 @dataclass(frozen=True)

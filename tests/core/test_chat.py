@@ -183,3 +183,23 @@ def test_cancel_only_by_owner(service, any_sessionmaker):
     with any_sessionmaker() as session:
         assert session.get(Job, outcome.job_id).state is JobState.CANCELLED
     assert "already finished" in service.cancel("console", "u1", outcome.job_id).text
+
+
+def test_memory_commands_are_shared_by_every_frontend(service, any_sessionmaker):
+    assert "I will remember: I love tea" in service.handle(incoming("/remember I love tea")).text
+    assert "1. I love tea" in service.handle(incoming("/memory")).text
+    assert "Your persona is now: a sailor" in service.handle(incoming("/persona a sailor")).text
+    assert "Forgotten: I love tea" in service.handle(incoming("/forget 1")).text
+    assert "/forget me confirm" in service.handle(incoming("/forget me")).text
+    assert "deleted" in service.handle(incoming("/forget me confirm")).text
+    assert count_rows(any_sessionmaker, User)["users"] == 0
+
+
+def test_summary_jobs_do_not_count_against_the_user(service, any_sessionmaker):
+    first = service.handle(incoming("a"))
+    with any_sessionmaker.begin() as session:
+        job = session.get(Job, first.job_id)
+        for _ in range(5):
+            session.add(Job(kind=JobKind.SUMMARY, user_id=job.user_id, conversation_id=job.conversation_id))
+    assert isinstance(service.handle(incoming("b")), JobQueued)
+    assert "summary" not in service.handle(incoming("/status")).text

@@ -11,7 +11,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from core.model.checkpoint import CheckpointError, check_model_dir, expected_shapes, load_bagel, plan_sources
+from core.model.checkpoint import (
+    CheckpointError,
+    check_model_dir,
+    expected_shapes,
+    load_bagel,
+    plan_sources,
+)
 from core.model.config import from_checkpoint_dir, full_size_config
 
 CPU = torch.device("cpu")
@@ -146,6 +152,7 @@ def test_grpo_llm_only_checkpoint_is_merged_with_vit_and_heads(tiny_dir: Path, t
     save_file(sft, str(tmp_path / "sft.safetensors"))
     # GRPO saves language_model only, without its prefix (MODEL.md 10.12)
     grpo = {k.removeprefix("language_model."): v - 1 for k, v in base.items() if k.startswith("language_model.")}
+    grpo["vae2llm.bias"] = base["vae2llm.bias"] + 5  # a head the GRPO file does carry wins over the companion's
     save_file(grpo, str(tmp_path / "grpo.safetensors"))
     sources = plan_sources(tiny_dir, tmp_path / "grpo.safetensors", tmp_path / "sft.safetensors")
     assert sources["language_model.lm_head.weight"].key == "lm_head.weight"
@@ -153,6 +160,7 @@ def test_grpo_llm_only_checkpoint_is_merged_with_vit_and_heads(tiny_dir: Path, t
     state = model.state_dict()
     layer = "language_model.model.layers.0.mlp_moe_gen.up_proj.weight"
     assert torch.equal(state[layer], grpo[layer.removeprefix("language_model.")].float())
+    assert torch.equal(state["vae2llm.bias"], grpo["vae2llm.bias"].float())
     for name in ("vit_model.vision_model.post_layernorm.weight", "connector.fc1.weight", "llm2vae.weight",
                  "vit_pos_embed.pos_embed", "time_embedder.mlp.0.weight"):
         assert torch.equal(state[name], sft[name].float()), name

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from core.model.attention import attend
 from core.model.kv_cache import CacheSpan, KVCache

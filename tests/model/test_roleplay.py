@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from core.model.roleplay import Thinking, parse_thinking, response_prompt, scene_image_prompt, thinking_prompt
+from core.model.roleplay import (
+    Thinking,
+    parse_thinking,
+    response_prompt,
+    scene_image_prompt,
+    thinking_prompt,
+)
 
 
 def test_response_prompt_without_and_with_history() -> None:

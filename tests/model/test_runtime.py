@@ -10,10 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-from core.model.api import CharacterModel, ImageContexts, ImageParams, ImageSegment, TextParams, TextSegment
+from core.model.api import (
+    CharacterModel,
+    ImageContexts,
+    ImageParams,
+    ImageSegment,
+    TextParams,
+    TextSegment,
+)
 from core.model.runtime import UniCharacterRuntime
 
-FAST = dict(width=48, height=32, num_timesteps=4)
+FAST = {"width": 48, "height": 32, "num_timesteps": 4}
 
 
 def _photo(seed: int = 0, size: tuple[int, int] = (90, 60)) -> Image.Image:
@@ -100,10 +107,17 @@ def test_editing_with_three_cfg_branches_runs(runtime: UniCharacterRuntime) -> N
     assert runtime.generate_image(contexts, params).size == (48, 32)
 
 
-def test_cfg_rows_in_one_batch_equal_separate_passes(runtime: UniCharacterRuntime) -> None:
-    """Left-padded batched CFG rows give each branch exactly its own context's velocity."""
+@pytest.mark.parametrize(
+    ("cond", "uncond"),
+    [
+        ([TextSegment("a long prompt about a red cat on a chair")], [TextSegment("x")]),  # its own prefill
+        ([TextSegment("persona text"), TextSegment("draw the scene")], [TextSegment("persona text")]),  # fan-out
+        ([TextSegment("draw a cat")], []),  # pure text-to-image: an empty unconditional context
+    ],
+)
+def test_cfg_rows_in_one_batch_equal_separate_passes(runtime: UniCharacterRuntime, cond, uncond) -> None:
+    """Left-padded batched CFG rows (prefilled or fanned out) give each branch exactly its own context's velocity."""
     params = ImageParams(width=32, height=32, num_timesteps=2, cfg_text_scale=4.0, cfg_interval=(0.0, 1.0), seed=1)
-    cond, uncond = [TextSegment("a long prompt about a red cat on a chair")], [TextSegment("x")]
     velocities = {}
 
     def capture(rt: UniCharacterRuntime, contexts: ImageContexts, p: ImageParams, key: str) -> None:
@@ -174,3 +188,14 @@ def test_a_character_adapter_changes_replies_and_is_switched_off_after(runtime: 
     assert adapted != base
     assert runtime.generate_text(ctx, params) == base
     assert runtime.generate_text(ctx, params, adapter=str(path)) == adapted
+
+
+def test_concurrent_requests_are_serialised_and_unaffected(runtime: UniCharacterRuntime) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    ctx = [TextSegment("tell me a story")]
+    params = [TextParams(max_new_tokens=8, temperature=1.0, seed=s) for s in range(4)]
+    alone = [runtime.generate_text(ctx, p) for p in params]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda p: runtime.generate_text(ctx, p), params))
+    assert together == alone

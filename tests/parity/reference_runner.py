@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-
 from data.data_utils import add_special_tokens
 from inferencer import InterleaveInferencer
 from modeling.autoencoder import AutoEncoder, AutoEncoderParams
 from modeling.bagel import Bagel, BagelConfig, Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 from modeling.qwen2 import Qwen2Tokenizer
+from safetensors.torch import load_file, save_file
 
 PROMPT = "A photograph of a cat sitting on a red chair in a sunny coffee shop."
 QUESTION = "What is in this image? Describe the picture."

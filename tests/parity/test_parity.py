@@ -24,12 +24,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from core.model.api import ImageContexts, ImageParams, TextParams, TextSegment
+from core.model.flow import cfg_combine
 from core.model.kv_cache import CacheSpan
 from core.model.runtime import UniCharacterRuntime, _ImageBlock, _TextBlock
 from core.model.sampling import mask_padding_rows
 from core.model.tiny import write_tiny_model
-from core.model.transforms import LATENT_MAX_PATCHES_PER_SIDE, VIT_MAX_PATCHES_PER_SIDE, flattened_position_ids, patchify
-from core.model.flow import cfg_combine
+from core.model.transforms import (
+    LATENT_MAX_PATCHES_PER_SIDE,
+    VIT_MAX_PATCHES_PER_SIDE,
+    flattened_position_ids,
+    patchify,
+)
 
 HERE = Path(__file__).parent
 REFERENCE_DIR = os.environ.get("BAGEL_REFERENCE_DIR")
@@ -128,12 +133,12 @@ def teacher_forced_logits(rt: UniCharacterRuntime, blocks: list, fed: list[int])
     """Prefill ``blocks``, then feed ``fed`` one token at a time through the cache; logits of every step."""
     length = sum(b.length for b in blocks)
     cache = rt._new_cache(rows=1, capacity=length + len(fed))
-    done = rt._prefill(blocks, cache, row=0, offset=0)
+    rope = rt._prefill(blocks, cache, row=0, offset=0)  # the next rope id
     logits = []
     for i, token in enumerate(fed):
         pos = length + i
         span = CacheSpan(rows=slice(0, 1), start=0, write=pos, end=pos + 1)
-        hidden = _forward(rt, rt.model.embed_text(torch.tensor([[token]])), done.rope + i, cache, span, text=True)
+        hidden = _forward(rt, rt.model.embed_text(torch.tensor([[token]])), rope + i, cache, span, text=True)
         logits.append(rt.model.language_model.logits(hidden[:, -1]))
     return torch.cat(logits)
 
@@ -193,12 +198,14 @@ def test_vqa_logits(runtime: UniCharacterRuntime, reference: Reference) -> None:
     compare("VQA decode logits (ViT block + question)", logits, ref["vqa.decode_logits"], rt)
 
 
-def velocity(rt: UniCharacterRuntime, plans: list[list], x_t: torch.Tensor, grid: tuple[int, int], t: float) -> torch.Tensor:
+def velocity(
+    rt: UniCharacterRuntime, plans: list[list], x_t: torch.Tensor, grid: tuple[int, int], t: float
+) -> torch.Tensor:
     """Velocities of every branch at flow time ``t`` (one left-padded cache row per context)."""
     lengths = [sum(b.length for b in blocks) for blocks in plans]
     P, Q = max(lengths), grid[0] * grid[1] + 2
     cache = rt._new_cache(rows=len(plans), capacity=P + Q)
-    ropes = [rt._prefill(blocks, cache, row, P - n).rope for row, (blocks, n) in enumerate(zip(plans, lengths))]
+    ropes = [rt._prefill(blocks, cache, row, P - n) for row, (blocks, n) in enumerate(zip(plans, lengths))]
     mask = torch.arange(P + Q)[None] >= torch.tensor([P - n for n in lengths])[:, None]
     span = CacheSpan(rows=slice(0, len(plans)), start=0, write=P, end=P + Q, key_mask=mask)
     pos = flattened_position_ids(*grid, LATENT_MAX_PATCHES_PER_SIDE)
@@ -252,7 +259,8 @@ def test_short_text_to_image_sampling(runtime: UniCharacterRuntime, reference: R
         cfg_renorm_min=s["cfg_renorm_min"], cfg_renorm_type=s["cfg_renorm_type"], seed=s["seed"],
     )
     # the runtime draws its initial noise as torch.randn([1, N, 64]) from a generator seeded with the request's seed
-    noise = torch.randn(1, *reference.tensors["sample.init_noise"].shape, generator=torch.Generator().manual_seed(s["seed"]))
+    gen = torch.Generator().manual_seed(s["seed"])
+    noise = torch.randn(1, *reference.tensors["sample.init_noise"].shape, generator=gen)
     assert torch.equal(noise[0], reference.tensors["sample.init_noise"]), "the runtime's noise draw changed"
     image = runtime.generate_image(ImageContexts(cond=[TextSegment(reference.meta["prompt"])]), params)
     pixels = torch.from_numpy(np.asarray(image).copy()).float()

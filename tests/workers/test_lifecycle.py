@@ -8,8 +8,8 @@ import datetime as dt
 import pytest
 from sqlalchemy import func, select, update
 
-from core.db.models import Job, Message
-from core.jobs import Done, Failed, JobState, Progress, TextDelta, stream_key
+from core.db.models import Job, Memory, Message
+from core.jobs import Done, Failed, JobKind, JobState, Progress, TextDelta, stream_key
 from core.streams import follow_sync
 from tests.doubles import EchoModel
 from tests.factories import incoming
@@ -141,3 +141,18 @@ def test_events_stream_the_reply_then_done(ctx, service):
     assert "".join(e.text for e in stream if isinstance(e, TextDelta)) == "echo: stream me"
     assert isinstance(stream[-1], Done) and stream[-1].message_id == job_row(ctx, job_id).reply_message_id
     assert 0 < ctx.redis.ttl(stream_key(job_id)) <= ctx.settings.event_ttl_s
+
+
+def test_a_reply_queues_the_rolling_summary_which_is_stored(ctx, service):
+    ctx.settings = ctx.settings.model_copy(update={"history_messages": 2, "summary_every": 2})
+    service.settings = ctx.settings
+    sent: list = []
+    for text in ("one", "two", "three"):
+        execute(ctx, queue(service, text), send=lambda *job: sent.append(job))
+    [(summary_id, kind)] = sent
+    assert kind is JobKind.SUMMARY
+    execute(ctx, summary_id, send=lambda *job: sent.append(job))
+    with ctx.sessionmaker() as session:
+        [summary] = session.scalars(select(Memory).where(Memory.kind == "summary")).all()
+        assert session.get(Job, summary_id).state is JobState.DONE and summary.text.startswith("echo:")
+    assert replies(ctx) == 3  # a summary is not a reply

@@ -115,3 +115,18 @@ def png(size: tuple[int, int] = (32, 32), colour: tuple[int, int, int] = (200, 4
 def run(coro: Any) -> Any:
     """Run one async test body."""
     return asyncio.run(coro)
+
+
+@pytest.fixture
+def tiny_stack(stack: Stack, tiny_model_dir: Any) -> Iterator[Stack]:
+    """The stack with the tiny random model in the worker, drawing small images so that CPU keeps up."""
+    from core.model.runtime import UniCharacterRuntime
+
+    ctx = stack.live.ctx
+    before = ctx.settings
+    ctx.settings = before.model_copy(update={"image_width": 64, "image_height": 64, "image_steps": 3})
+    stack.live.use_model(UniCharacterRuntime.load(tiny_model_dir, device="cpu", dtype="float32"))
+    try:
+        yield stack
+    finally:
+        ctx.settings = before

@@ -20,7 +20,10 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-__all__ = ["FakeDiscord", "Recorded", "Posted", "BOT_ID", "APP_ID", "GUILD_ID", "CHANNEL_ID", "NSFW_CHANNEL_ID"]
+__all__ = [
+    "FakeDiscord", "Recorded", "Posted", "BOT_ID", "APP_ID", "GUILD_ID", "CHANNEL_ID", "NSFW_CHANNEL_ID",
+    "BARE_CHANNEL_ID", "THREAD_ID", "user_payload",
+]
 
 BOT_ID = 900000000000000001
 APP_ID = BOT_ID
@@ -28,6 +31,7 @@ GUILD_ID = 910000000000000001
 CHANNEL_ID = 920000000000000001
 NSFW_CHANNEL_ID = 920000000000000002
 BARE_CHANNEL_ID = 920000000000000003  # the bot lacks Manage Webhooks here
+THREAD_ID = 920000000000000004  # a thread in CHANNEL_ID
 OWNER_ID = 930000000000000001
 TIMESTAMP = "2026-11-28T02:00:00.000000+00:00"
 
@@ -94,6 +98,23 @@ def channel_payload(channel_id: int, name: str, *, nsfw: bool = False, deny: int
     }
 
 
+def thread_payload(thread_id: int, parent_id: int, name: str) -> dict[str, Any]:
+    """A public thread under a guild text channel."""
+    return {
+        "id": str(thread_id),
+        "guild_id": str(GUILD_ID),
+        "parent_id": str(parent_id),
+        "owner_id": str(OWNER_ID),
+        "name": name,
+        "type": 11,
+        "message_count": 0,
+        "member_count": 1,
+        "thread_metadata": {
+            "archived": False, "auto_archive_duration": 60, "archive_timestamp": TIMESTAMP, "locked": False
+        },
+    }
+
+
 class FakeDiscord:
     """The fake server; ``await start()``, then point discord.py at :attr:`api_base` and :attr:`gateway_url`."""
 
@@ -109,6 +130,7 @@ class FakeDiscord:
             NSFW_CHANNEL_ID: channel_payload(NSFW_CHANNEL_ID, "after-dark", nsfw=True),
             BARE_CHANNEL_ID: channel_payload(BARE_CHANNEL_ID, "no-hooks", deny=MANAGE_WEBHOOKS),
         }
+        self.threads: dict[int, dict[str, Any]] = {THREAD_ID: thread_payload(THREAD_ID, CHANNEL_ID, "tea-time")}
         self.typing: list[int] = []
         self.callbacks: dict[str, dict[str, Any]] = {}  # interaction token -> its callback body
         self._clicked: dict[str, int] = {}  # component interaction token -> the message pressed
@@ -358,7 +380,7 @@ class FakeDiscord:
                 }
             ],
             "channels": list(self.channels.values()),
-            "threads": [],
+            "threads": list(self.threads.values()),
             "voice_states": [],
             "presences": [],
             "large": False,
@@ -491,7 +513,7 @@ class FakeDiscord:
         return _json({"message": f"fake has no route {method} {path}", "code": 0}, status=404)
 
     def _channel_or_404(self, cid: str) -> web.Response | None:
-        if int(cid) in self.channels:
+        if int(cid) in self.channels or int(cid) in self.threads:
             return None
         return _json({"message": "Unknown Channel", "code": 10003}, status=404)
 

@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 from PIL import Image
 
-__all__ = ["FakeBotApi", "ChatMessage", "TOKEN", "BOT_ID", "BOT_USERNAME"]
+__all__ = ["BOT_ID", "BOT_USERNAME", "TOKEN", "ChatMessage", "FakeBotApi"]
 
 TOKEN = "123456:TEST-token"
 BOT_ID = 123456
@@ -117,7 +117,7 @@ class FakeBotApi:
                     raise AssertionError(f"timed out waiting; bot messages: {[m.text or '<photo>' for m in self.bot_messages()]}")
                 try:
                     await asyncio.wait_for(self._changed.wait(), min(left, 0.5))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             return result
 
@@ -321,7 +321,7 @@ class FakeBotApi:
             while not self._updates and time.monotonic() < deadline:
                 try:
                     await asyncio.wait_for(self._changed.wait(), max(0.01, deadline - time.monotonic()))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
         return list(self._updates[: int(params.get("limit") or 100)])
 

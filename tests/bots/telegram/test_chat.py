@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from sqlalchemy import select
 
 from core.db.models import Job, User
 from core.jobs import JobState
-from tests.bots.telegram.conftest import ANN, BOB, GROUP, fake_api, jobs, png, run, running_bot
+from tests.bots.telegram.conftest import (
+    ANN,
+    BOB,
+    GROUP,
+    fake_api,
+    jobs,
+    png,
+    run,
+    running_bot,
+)
 from tests.bots.telegram.fake_bot_api import BOT_USERNAME, FakeBotApi
 from tests.conftest import Live
+from tests.doubles import EchoModel
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -124,14 +136,43 @@ def test_imagine_delivers_a_photo_with_buttons_only_the_requester_can_press(tg: 
     run(body)
 
 
-def test_queue_position_and_percent_are_shown_while_a_picture_renders(tg: Live) -> None:
+class PausingPainter(EchoModel):
+    """Draws like EchoModel but stops halfway through its steps until ``resume`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.resume = threading.Event()
+        self.halfway = threading.Event()
+
+    def generate_image(self, contexts, params, on_progress=None, adapter=None):  # type: ignore[no-untyped-def]
+        def report(step: int, total: int) -> None:
+            if on_progress is not None:
+                on_progress(step, total)
+            if step == total // 2:
+                self.halfway.set()
+                self.resume.wait(timeout=60)
+
+        return super().generate_image(contexts, params, report, adapter)
+
+
+def test_queue_position_and_percent_are_shown_while_pictures_render(tg: Live) -> None:
+    painter = PausingPainter()
+    tg.use_model(painter)
+    users = [8001 + i for i in range(6)]  # the worker runs 4 at once: the 5th and 6th wait in the queue
+
     async def body() -> None:
         async with fake_api() as fake, running_bot(tg, fake):
-            await fake.send(ANN, ANN, "/imagine a cat")
-            await fake.wait_for(delivered(tg))
-            shown = [call["text"] for call in fake.called("sendMessage") + fake.called("editMessageText")]
-            assert any("queue" in text for text in shown)
-            assert any("%" in text for text in shown) or any("Drawing" in t for t in shown)
+            for user in users:
+                await fake.send(user, user, "/imagine a lantern festival")
+            last = users[-1]
+            await fake.wait_for(lambda: any("1 job ahead" in m.text for m in fake.bot_messages(last)))
+            first = users[0]
+            await fake.wait_for(lambda: any("50%" in m.text for m in fake.bot_messages(first)))
+            painter.resume.set()
+            await fake.wait_for(delivered(tg, len(users)), timeout=120)
+            for user in users:
+                shown = fake.bot_messages(user)
+                assert len(shown) == 1 and shown[0].photo is not None  # status lines replaced by the photo
 
     run(body)
 

@@ -8,7 +8,16 @@ from sqlalchemy.orm import selectinload
 
 from core.db.models import CharacterSubmission, Notification
 from core.submissions import State
-from tests.bots.telegram.conftest import ADMIN, ANN, BOB, character_pictures, fake_api, png, run, running_bot
+from tests.bots.telegram.conftest import (
+    ADMIN,
+    ANN,
+    BOB,
+    character_pictures,
+    fake_api,
+    png,
+    run,
+    running_bot,
+)
 from tests.bots.telegram.fake_bot_api import FakeBotApi
 from tests.conftest import Live
 
