@@ -25,7 +25,7 @@ from core.model.tiny import TINY_LLM, TINY_VIT, tiny_tokenizer
 from training.packing import ImagePart, Packer, Sample, TextPart, TrainingForward
 from training.sft import sample_batch
 
-WORDS = "the cat sat on a warm red chair in the sunny garden and smiled at the little girl who loves mahjong".split()
+WORDS = ["the", "cat", "sat", "on", "a", "warm", "red", "chair", "in", "the", "sunny", "garden", "and", "smiled", "at", "the", "little", "girl", "who", "loves", "mahjong"]
 
 
 def _text(generator: torch.Generator, words: int) -> str:

@@ -299,7 +299,8 @@ class _Run:
         last_id = "0"  # always replay: the stream holds the whole reply, the state says what is shown already
         while True:
             try:
-                async for last_id, event in self.owner.follow(self.target.job_id, last_id):
+                async for entry_id, event in self.owner.follow(self.target.job_id, last_id):
+                    last_id = entry_id
                     if await self._on_event(event):
                         return
             except TimeoutError:
@@ -489,6 +490,6 @@ class _Run:
                 await self.renderer.chat_action(self.action)
             except RecipientGone:
                 return
-            except Exception as exc:  # a lost "typing…" is cosmetic: never fail the delivery for it
+            except Exception as exc:  # noqa: BLE001 - a lost "typing…" is cosmetic: never fail the delivery
                 log.debug("chat action failed: %s", exc)
             await asyncio.sleep(self.renderer.action_interval)

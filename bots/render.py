@@ -232,7 +232,7 @@ class EditPacer:
                     continue
                 self._sent = text
                 self._next_at = self._clock() + self._interval
-        except Exception as exc:  # surfaced to the caller on its next update() or flush()
+        except Exception as exc:  # noqa: BLE001 - surfaced to the caller on its next update() or flush()
             self._error = exc
 
 

@@ -97,7 +97,7 @@ MAX_PERSONA_CHARS: Final = 1000
 SUMMARY_WORDS: Final = 150
 SUMMARY_REPLY_TOKENS: Final = 400
 TURN_ROLES: Final = ("user", "character")
-MAX_POSTINGS: Final = 3000  # postings read per recall: the rarest query terms first
+MAX_POSTINGS: Final = 2000  # postings read per recall: the rarest query terms first
 QUERY_TERMS: Final = 8  # the rarest terms of the new message that recall searches for
 _INSERTS: Final = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}  # both can skip existing rows
 _NO_TERM: Final = "-"  # pads the query's terms; never a term (terms are letters and digits)
@@ -219,22 +219,30 @@ def index_chat(session: Session, chat_id: int) -> int:
 
 
 def _speakers(session: Session, conversation_ids: Iterable[int]) -> dict[int, tuple[str, str]]:
-    """(user name, character name) of each conversation."""
-    rows = session.execute(
-        select(Conversation.id, User.display_name, Character.name)
-        .join(User, User.id == Conversation.user_id)
-        .join(Character, Character.id == Conversation.character_id)
-        .where(Conversation.id.in_(set(conversation_ids)))
-    ).all()
-    return {cid: (user or "User", character) for cid, user, character in rows}
+    """(user name, character name) of each conversation, cached in the (short-lived) session."""
+    known: dict[int, tuple[str, str]] = session.info.setdefault("unichar.speakers", {})
+    missing = set(conversation_ids) - known.keys()
+    if missing:
+        rows = session.execute(
+            select(Conversation.id, User.display_name, Character.name)
+            .join(User, User.id == Conversation.user_id)
+            .join(Character, Character.id == Conversation.character_id)
+            .where(Conversation.id.in_(missing))
+        ).all()
+        known.update({cid: (user or "User", character) for cid, user, character in rows})
+    return known
 
 
-def _turns(session: Session, messages: Sequence[Message]) -> list[Turn]:
-    names = _speakers(session, {m.conversation_id for m in messages})
+_TURN_COLUMNS: Final = (Message.id, Message.conversation_id, Message.role, Message.text)
+
+
+def _turns(session: Session, rows: Sequence[Any]) -> list[Turn]:
+    """Turns of ``(id, conversation_id, role, text)`` rows, speakers named."""
+    names = _speakers(session, {row.conversation_id for row in rows})
     return [
-        Turn(m.id, m.role, names[m.conversation_id][0 if m.role == "user" else 1], m.text)
-        for m in messages
-        if m.role in TURN_ROLES
+        Turn(row.id, row.role, names[row.conversation_id][0 if row.role == "user" else 1], row.text)
+        for row in rows
+        if row.role in TURN_ROLES
     ]
 
 
@@ -257,12 +265,12 @@ def _scope(session: Session, conversation: Conversation) -> tuple[list[int], int
 def window(session: Session, conversation: Conversation, before_id: int | None, limit: int) -> list[Turn]:
     """The last ``limit`` turns this character heard in the chat before ``before_id``, oldest first."""
     conversation_ids, arrived = _scope(session, conversation)
-    query = select(Message).where(
+    query = select(*_TURN_COLUMNS).where(
         Message.conversation_id.in_(conversation_ids), Message.id >= arrived, Message.role.in_(TURN_ROLES)
     )
     if before_id is not None:
         query = query.where(Message.id < before_id)
-    rows = session.scalars(query.order_by(Message.id.desc()).limit(limit)).all()
+    rows = session.execute(query.order_by(Message.id.desc()).limit(limit)).all()
     return _turns(session, list(reversed(rows)))
 
 
@@ -336,8 +344,8 @@ def recall(session: Session, conversation: Conversation, query: str, *, before_i
         params[f"w{i}"] = math.log(1 + (total - df[term] + 0.5) / (df[term] + 0.5)) if term in df else 0.0
     best = session.execute(_BM25, params).all()
     rank = {message_id: i for i, (message_id, _) in enumerate(best)}
-    messages = session.scalars(select(Message).where(Message.id.in_(rank))).all()
-    return sorted(_turns(session, messages), key=lambda turn: rank[turn.message_id])
+    rows = session.execute(select(*_TURN_COLUMNS).where(Message.id.in_(rank))).all()
+    return sorted(_turns(session, rows), key=lambda turn: rank[turn.message_id])
 
 
 def facts(session: Session, user_id: int, character_id: int, chat_id: int) -> list[Memory]:
@@ -424,8 +432,8 @@ def summary_request(
     covered, boundary = _unsummarised(session, conversation, settings)
     if boundary == covered:
         return None
-    rows = session.scalars(
-        select(Message)
+    rows = session.execute(
+        select(*_TURN_COLUMNS)
         .where(
             Message.conversation_id == conversation.id,
             Message.role.in_(TURN_ROLES),
@@ -697,6 +705,7 @@ def forget_user(session: Session, user_id: int, store: FileStore | None = None) 
     counts = {"chats": _purge(session, Chat.__table__, Chat.id.in_(chat_ids))} if chat_ids else {}
     counts["users"] = _purge(session, User.__table__, User.id == user_id)
     session.expunge_all()
+    session.info.pop("unichar.speakers", None)
     orphans = [key for key in files if not _still_used(session, key)]
     if store is not None and orphans:
         event.listen(session, "after_commit", lambda _s: [store.delete(k) for k in orphans], once=True)

@@ -54,21 +54,21 @@ if TYPE_CHECKING:
     from core.config import Settings
 
 __all__ = [
+    "CONSENT_TEXT",
     "Actor",
-    "SubmissionError",
+    "Inspection",
     "NotAllowed",
+    "QueueItem",
     "State",
     "Step",
-    "QueueItem",
-    "Inspection",
+    "SubmissionError",
     "Submissions",
-    "CONSENT_TEXT",
-    "perceptual_hash",
-    "hash_distance",
     "contact_sheet",
+    "hash_distance",
+    "mark_delivered",
     "notify",
     "pending_notifications",
-    "mark_delivered",
+    "perceptual_hash",
 ]
 
 log = logging.getLogger(__name__)

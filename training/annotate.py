@@ -28,17 +28,17 @@ from core.model.api import CharacterModel, ImageSegment, TextParams, TextSegment
 from training.packing import ImagePart, Sample, TextPart
 
 __all__ = [
-    "Persona",
-    "Caption",
-    "Annotation",
     "QUESTIONS",
-    "caption_images",
-    "build_samples",
+    "Annotation",
+    "Caption",
+    "Persona",
     "annotate",
-    "roleplay_prompt",
+    "build_samples",
+    "caption_images",
     "parse_dialogues",
-    "write_jsonl",
     "read_jsonl",
+    "roleplay_prompt",
+    "write_jsonl",
 ]
 
 QUESTIONS = {
@@ -121,8 +121,10 @@ def roleplay_prompt(persona: Persona, history: Sequence[tuple[str, str]], user_t
     lines += [
         f"User Input: {user_text}",
         "",
-        "Based on the character description, opening, conversation history, current user input, and the "
-        f"reference image, please generate {persona.name}'s response.",
+        (
+            "Based on the character description, opening, conversation history, current user input, and the "
+            f"reference image, please generate {persona.name}'s response."
+        ),
     ]
     return "\n".join(lines)
 

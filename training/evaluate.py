@@ -23,13 +23,24 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 
-from core.model.api import CharacterModel, ImageContexts, ImageParams, TextParams, TextSegment
+from core.model.api import (
+    CharacterModel,
+    ImageContexts,
+    ImageParams,
+    TextParams,
+    TextSegment,
+)
 from core.model.config import from_checkpoint_dir
-from core.model.transforms import VIT_TRANSFORM, VIT_MAX_PATCHES_PER_SIDE, flattened_position_ids, patchify
+from core.model.transforms import (
+    VIT_MAX_PATCHES_PER_SIDE,
+    VIT_TRANSFORM,
+    flattened_position_ids,
+    patchify,
+)
 from core.model.vit import SiglipVisionModel
 from training.annotate import Annotation
 
-__all__ = ["EvalConfig", "ViTFeatures", "token_f1", "evaluate"]
+__all__ = ["EvalConfig", "ViTFeatures", "evaluate", "token_f1"]
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +68,7 @@ class ViTFeatures:
             vit = SiglipVisionModel(cfg.vit)
         prefix = "vit_model."
         with safe_open(str(model_dir / "ema.safetensors"), framework="pt", device=str(self.device)) as f:
-            state = {k[len(prefix):]: f.get_tensor(k).float() for k in f.keys() if k.startswith(prefix)}
+            state = {k[len(prefix):]: f.get_tensor(k).float() for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
         vit.load_state_dict(state, strict=True, assign=True)
         self.vit = vit.eval().requires_grad_(False)
         self.patch = cfg.vit.patch_size

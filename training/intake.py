@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 
 from core.media import MediaError, ValidatedImage, validate_image
 from core.rolescape import read_rolescape
-from core.submissions import CONSENT_TEXT, Actor, SubmissionError, Submissions, hash_distance, perceptual_hash
+from core.submissions import (
+    CONSENT_TEXT,
+    Actor,
+    SubmissionError,
+    Submissions,
+    hash_distance,
+    perceptual_hash,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session

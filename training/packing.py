@@ -31,7 +31,7 @@ from core.model.llm import GEN, MoTDecoderLayer, Rope, norm_rope
 from core.model.tokenizer import BagelTokenizer
 from core.model.transforms import VIT_TRANSFORM, flattened_position_ids, patchify
 
-__all__ = ["TextPart", "ImagePart", "Sample", "PackedBatch", "Packer", "PackedLayer", "TrainingForward", "Losses"]
+__all__ = ["ImagePart", "Losses", "PackedBatch", "PackedLayer", "Packer", "Sample", "TextPart", "TrainingForward"]
 
 CAUSAL, FULL, NOISE = 0, 1, 2  # block kinds of the attention mask
 

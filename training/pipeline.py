@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
     from core.config import Settings
 
-__all__ = ["TrainingCancelled", "run_training", "load_base_model"]
+__all__ = ["TrainingCancelled", "load_base_model", "run_training"]
 
 log = logging.getLogger(__name__)
 

@@ -44,13 +44,19 @@ from torch.distributed.checkpoint.state_dict import (
 from core.model.bagel import Bagel
 from core.model.checkpoint import load_bagel, load_vae
 from core.model.config import from_checkpoint_dir
-from core.model.lora import ALL_TARGETS, AdapterMeta, attach_lora, lora_state_dict, save_adapter
+from core.model.lora import (
+    ALL_TARGETS,
+    AdapterMeta,
+    attach_lora,
+    lora_state_dict,
+    save_adapter,
+)
 from core.model.tokenizer import load_tokenizer
 from core.model.transforms import ImageTransform, patchify
 from core.model.vae import AutoEncoder
-from training.packing import ImagePart, Packer, Sample, TextPart, TrainingForward
+from training.packing import ImagePart, Packer, Sample, TrainingForward
 
-__all__ = ["SFTConfig", "StepReport", "SFTResult", "Stopped", "run_sft", "pick_device", "sample_batch"]
+__all__ = ["SFTConfig", "SFTResult", "StepReport", "Stopped", "pick_device", "run_sft", "sample_batch"]
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +128,7 @@ class Stopped(Exception):
 def pick_device(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
     """``auto``: the local CUDA device in bf16, else the CPU in fp32."""
     if device == "auto":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dtype == "auto":
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32

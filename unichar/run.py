@@ -12,7 +12,6 @@ on Linux they also get SIGTERM if this process dies without cleaning up.
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import logging
 import os
@@ -304,7 +303,7 @@ class _Watch:
                 name, code = exited
                 log.error("%s exited with code %s; stopping the main job", name, code)
                 self.failed = code if code > 0 else 1  # killed by a signal: a negative code
-                if interrupt:
-                    _thread.interrupt_main()
+                if interrupt:  # a real signal: it also breaks the console's blocking read
+                    os.kill(os.getpid(), signal.SIGINT)
                 return self.failed
         return 0

@@ -26,7 +26,13 @@ from bots.discord import commands, guilds
 from bots.discord.buttons import ImageButton
 from bots.discord.intake import read_images
 from bots.discord.renderer import DiscordRenderer, persona_of_job
-from bots.discord.routing import PLATFORM, clean_text, incoming, is_addressed, replied_to
+from bots.discord.routing import (
+    PLATFORM,
+    clean_text,
+    incoming,
+    is_addressed,
+    replied_to,
+)
 from bots.discord.voice import NO_PINGS, Persona, Posted, Speaker, WebhookPool
 from bots.render import DISCORD_LIMIT, split_text
 from core.chat import Answer, JobQueued
@@ -43,7 +49,7 @@ if TYPE_CHECKING:
     from core.media import FileStore
     from core.submissions import Submissions
 
-__all__ = ["UniBot", "intents", "Services"]
+__all__ = ["Services", "UniBot", "intents"]
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +103,11 @@ class UniBot(discord.Client):
         self.add_dynamic_items(ImageButton)
         self.pool = WebhookPool(self.user.id)
         self.deliveries = Deliveries(
-            self.sessions, self.services.follow, self.services.files, self._renderer, PLATFORM,
+            self.sessions,
+            self.services.follow,
+            self.services.files,
+            self._renderer,
+            PLATFORM,
             horizon_s=self.settings.event_ttl_s,
         )
         self._spawn(self._after_ready())
@@ -110,7 +120,10 @@ class UniBot(discord.Client):
     async def _after_ready(self) -> None:
         await self.wait_until_ready()
         assert self.deliveries is not None
-        await self.deliveries.resume()
+        try:
+            await self.deliveries.resume()
+        except Exception:
+            log.exception("resuming unfinished deliveries failed")
         while not self.is_closed():
             try:
                 await self.deliver_notifications()
@@ -316,4 +329,3 @@ class UniBot(discord.Client):
     def _mark_note(self, note_id: int) -> None:
         with self.sessions.begin() as session:
             mark_delivered(session, note_id)
-

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import discord
 
 if TYPE_CHECKING:
-    from typing_extensions import Self
+    from typing import Self
 
 __all__ = ["ACTIONS", "ImageActions", "ImageButton", "image_view"]
 
@@ -35,7 +35,10 @@ class ImageActions(Protocol):
     async def delete_image(self, interaction: discord.Interaction[Any], job_id: int) -> None: ...
 
 
-class ImageButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"uc:img:(?P<action>regen|accept|delete):(?P<job>\d+):(?P<user>\d+)"):
+class ImageButton(
+    discord.ui.DynamicItem[discord.ui.Button[Any]],
+    template=r"uc:img:(?P<action>regen|accept|delete):(?P<job>\d+):(?P<user>\d+)",
+):
     """One of the three image buttons, rebuilt from its custom_id on every press."""
 
     def __init__(self, action: str, job_id: int, user_id: int) -> None:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from bots.discord.bot import UniBot
     from core.chat import ChatOutcome
 
-__all__ = ["add_commands", "outcome_text", "COMMANDS"]
+__all__ = ["COMMANDS", "add_commands", "outcome_text"]
 
 Interaction = discord.Interaction  # the client is a UniBot; annotated loosely so discord.py can inspect signatures
 IMAGE_SLOTS: Final = 10
@@ -328,7 +328,12 @@ async def newcharacter(
         return
     try:
         text = await asyncio.to_thread(
-            _submit, bot, _actor(interaction), (name, description, greeting), [i.data for i in intake.images], real_person
+            _submit,
+            bot,
+            _actor(interaction),
+            (name, description, greeting),
+            [i.data for i in intake.images],
+            real_person,
         )
     except SubmissionError as exc:
         text = f"⚠️ Nothing was submitted: {exc}"
@@ -405,7 +410,9 @@ async def approve(interaction: Interaction[Any], submission: int, look: bool = F
         if look:
             text, sheet = await asyncio.to_thread(_inspect, bot, _actor(interaction), submission)
             files = [discord.File(io.BytesIO(sheet), filename=f"submission-{submission}.png")] if sheet else []
-            await interaction.followup.send(text[:DISCORD_LIMIT], files=files, ephemeral=True, allowed_mentions=NO_PINGS)
+            await interaction.followup.send(
+                text[:DISCORD_LIMIT], files=files, ephemeral=True, allowed_mentions=NO_PINGS
+            )
             return
         text = await asyncio.to_thread(_decide, bot, _actor(interaction), submission, None)
     except SubmissionError as exc:
@@ -530,7 +537,16 @@ async def settings_show(interaction: Interaction[Any]) -> None:
 
 
 COMMANDS: Final = (
-    character, imagine, reset, memory_group, status, newcharacter, queue, approve, reject, server_settings,
+    character,
+    imagine,
+    reset,
+    memory_group,
+    status,
+    newcharacter,
+    queue,
+    approve,
+    reject,
+    server_settings,
 )
 
 

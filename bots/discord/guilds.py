@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import discord
 
+from bots.discord.routing import PLATFORM
 from core.db import repositories as repo
 
 if TYPE_CHECKING:
@@ -20,11 +21,7 @@ if TYPE_CHECKING:
 
     from core.db.models import Chat
 
-__all__ = [
-    "PLATFORM", "Place", "guild_key", "home_channel", "is_age_restricted", "place_of", "allow_channel", "set_listen"
-]
-
-PLATFORM = "discord"
+__all__ = ["Place", "allow_channel", "guild_key", "home_channel", "is_age_restricted", "place_of", "set_listen"]
 
 
 def guild_key(guild_id: int) -> str:

@@ -27,7 +27,7 @@ from core.jobs import JobKind
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["DiscordRenderer", "persona_of_job", "channel_or_gone"]
+__all__ = ["DiscordRenderer", "channel_or_gone", "persona_of_job"]
 
 log = logging.getLogger(__name__)
 

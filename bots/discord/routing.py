@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from core.jobs import Attachment
 
-__all__ = ["PLATFORM", "is_addressed", "replied_to", "clean_text", "incoming"]
+__all__ = ["PLATFORM", "clean_text", "incoming", "is_addressed", "replied_to"]
 
 PLATFORM: Final = "discord"
 

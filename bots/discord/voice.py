@@ -22,7 +22,7 @@ import discord
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["NO_PINGS", "WEBHOOK_CAP", "Persona", "Posted", "WebhookPool", "Speaker"]
+__all__ = ["NO_PINGS", "WEBHOOK_CAP", "Persona", "Posted", "Speaker", "WebhookPool"]
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def _embed(persona: Persona, text: str) -> discord.Embed:
 class Speaker:
     """Sends and edits one character's messages in one channel, through the webhook when there is one."""
 
-    __slots__ = ("_channel", "_persona", "_pool", "_hook", "_resolved")
+    __slots__ = ("_channel", "_hook", "_persona", "_pool", "_resolved")
 
     def __init__(self, channel: discord.abc.Messageable, persona: Persona, pool: WebhookPool) -> None:
         self._channel = channel
@@ -150,9 +150,14 @@ class Speaker:
         return self._hook
 
     async def send(
-        self, text: str, *, files: Sequence[discord.File] = (), view: discord.ui.View | None = None
+        self,
+        text: str,
+        *,
+        files: Sequence[discord.File] = (),
+        view: discord.ui.View | None = None,
+        retry_hook: bool = True,
     ) -> Posted:
-        """Post a new message as the character."""
+        """Post a new message as the character; a webhook deleted behind our back is replaced once."""
         hook = await self._webhook()
         extra: dict[str, object] = {"view": view} if view is not None else {}
         if hook is not None:
@@ -169,31 +174,24 @@ class Speaker:
                 )
                 return Posted(message.id, self._channel.id, True)  # type: ignore[attr-defined]
             except discord.NotFound as exc:
-                if exc.code != _UNKNOWN_WEBHOOK_CODE:
+                if exc.code != _UNKNOWN_WEBHOOK_CODE or not retry_hook:
                     raise
                 log.info("webhook of channel %s was deleted; creating another", self._channel.id)  # type: ignore[attr-defined]
                 self._pool.forget(self._channel)
                 self._resolved = False
-                return await self.send(text, files=files, view=view)
+                for file in files:
+                    file.reset()
+                return await self.send(text, files=files, view=view, retry_hook=False)
         message = await self._channel.send(
-            embed=_embed(self._persona, text), files=list(files), allowed_mentions=NO_PINGS, **extra  # type: ignore[arg-type]
+            embed=_embed(self._persona, text),
+            files=list(files),
+            allowed_mentions=NO_PINGS,
+            **extra,  # type: ignore[arg-type]
         )
         return Posted(message.id, message.channel.id, False)
 
-    async def edit(
-        self,
-        posted: Posted,
-        text: str,
-        *,
-        files: Sequence[discord.File] | None = None,
-        view: discord.ui.View | None = None,
-    ) -> None:
-        """Make a message read ``text`` (and carry ``files`` instead of its attachments, when given)."""
-        extra: dict[str, object] = {}
-        if files is not None:
-            extra["attachments"] = list(files)
-        if view is not None:
-            extra["view"] = view
+    async def edit(self, posted: Posted, text: str) -> None:
+        """Make a message read ``text``."""
         if posted.via_webhook:
             hook = await self._webhook()
             if hook is None:  # permission to manage webhooks was taken away since: the message stays as it is
@@ -204,11 +202,10 @@ class Speaker:
                 content=text or None,
                 allowed_mentions=NO_PINGS,
                 thread=self._thread,
-                **extra,  # type: ignore[arg-type]
             )
             return
         partial = self._channel.get_partial_message(posted.message_id)  # type: ignore[attr-defined]
-        await partial.edit(embed=_embed(self._persona, text), allowed_mentions=NO_PINGS, **extra)
+        await partial.edit(embed=_embed(self._persona, text), allowed_mentions=NO_PINGS)
 
     async def delete(self, posted: Posted) -> None:
         """Remove a message the character sent; one already gone is fine."""

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import select
-from telegram import BotCommand, Message, Update
+from telegram import Bot, BotCommand, Message, Update
 from telegram.error import Forbidden, RetryAfter, TelegramError
 from telegram.ext import (
     AIORateLimiter,
@@ -59,7 +59,9 @@ def _follow(redis: Redis, idle_s: float, job_id: int, last_id: str) -> AsyncIter
     return streams.follow(redis, job_id, last_id, idle_timeout_s=idle_s)
 
 
-def _renderer_for(application: Application[Any, Any, Any, Any, Any, Any], settings: Settings, target: Target) -> TelegramRenderer:
+def _renderer_for(
+    application: Application[Any, Any, Any, Any, Any, Any], settings: Settings, target: Target
+) -> TelegramRenderer:
     group = target.chat_id.startswith("-")  # Telegram's group and channel ids are negative
     interval = settings.telegram_group_edit_interval_s if group else settings.telegram_edit_interval_s
     return TelegramRenderer(application.bot, target, edit_interval=interval)
@@ -134,8 +136,13 @@ def build_application(
     application.add_handler(CallbackQueryHandler(handlers.memory_button, pattern=r"^mem:all:\d+$"))
     application.add_handler(CallbackQueryHandler(_stale_button))
     application.add_handler(MessageHandler(filters.UpdateType.EDITED, handlers.edited_message))
-    application.add_handler(MessageHandler(MESSAGES & filters.TEXT & ~filters.COMMAND, handlers.chat_message))
-    application.add_handler(MessageHandler(MESSAGES & (filters.PHOTO | _IMAGE_FILE), handlers.picture_message))
+    # Chat and pictures run as tasks (block=False): one user's download or SQL wait never holds up the others.
+    application.add_handler(
+        MessageHandler(MESSAGES & filters.TEXT & ~filters.COMMAND, handlers.chat_message, block=False)
+    )
+    application.add_handler(
+        MessageHandler(MESSAGES & (filters.PHOTO | _IMAGE_FILE), handlers.picture_message, block=False)
+    )
     application.add_handler(MessageHandler(MESSAGES & filters.ChatType.PRIVATE & filters.COMMAND, handlers.unknown_command))
     application.add_handler(MessageHandler(MESSAGES & ~filters.StatusUpdate.ALL, handlers.unsupported_message))
     application.add_handler(ChatMemberHandler(handlers.chat_member, ChatMemberHandler.MY_CHAT_MEMBER))
@@ -191,7 +198,7 @@ async def _notify_forever(application: Application[Any, BotContext, Any, Any, An
         await asyncio.sleep(services.settings.telegram_poll_s)
 
 
-async def deliver_notifications(bot: Any, services: Services) -> int:
+async def deliver_notifications(bot: Bot, services: Services) -> int:
     """Post each pending notification once; a user who blocked the bot is marked and skipped. Returns posts."""
 
     def pending(session: Session) -> list[tuple[int, str, str]]:

@@ -106,11 +106,11 @@ def prompt(draft: Draft, services: Services) -> tuple[str, InlineKeyboardMarkup 
     if draft.step == Step.GREETING:
         return f"What does {who} say to greet someone new?", None
     if draft.step == Step.IMAGES:
-        return (
+        text = (
             f"Now send {need} different pictures of {who}, as an album or one by one "
-            f"({draft.images} of {need} so far). Photos or image files; near-duplicates are refused.",
-            None,
+            f"({draft.images} of {need} so far). Photos or image files; near-duplicates are refused."
         )
+        return text, None
     if draft.step == Step.CONSENT:
         return f"Last step, please confirm:\n\n{CONSENT_TEXT}", _consent_buttons()
     markup = InlineKeyboardMarkup([[InlineKeyboardButton("📨 Submit", callback_data="nc:submit")]])

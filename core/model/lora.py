@@ -33,25 +33,25 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 __all__ = [
-    "FORMAT",
     "ALL_TARGETS",
+    "FORMAT",
     "GEN_TARGETS",
-    "LoRALinear",
-    "AdapterMeta",
     "Adapter",
     "AdapterError",
+    "AdapterMeta",
+    "LoRALinear",
+    "activate",
+    "active_adapter",
     "attach_lora",
+    "base_model_hash",
+    "deactivate",
+    "load_adapter",
     "lora_modules",
     "lora_parameters",
     "lora_state_dict",
-    "save_adapter",
     "read_meta",
-    "load_adapter",
-    "activate",
-    "deactivate",
-    "active_adapter",
+    "save_adapter",
     "using_adapter",
-    "base_model_hash",
 ]
 
 FORMAT = "unichar-lora/1"
@@ -98,9 +98,9 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.lora_A is None:
             return y
-        # low-rank path in the activations' dtype; fp32 master factors (training on a bf16 base) are cast, like autocast
-        h = F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-        return y + h * self.scaling
+        # low-rank path in the factors' dtype (fp32 master factors while training on a bf16 base)
+        h = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return y + (h * self.scaling).to(y.dtype)
 
     def extra_repr(self) -> str:
         rank = 0 if self.lora_A is None else self.lora_A.shape[0]
@@ -252,7 +252,7 @@ def load_adapter(
         raise AdapterError(f"{path} was trained on base {meta.base_model_hash[:12]}, not {base_model_hash[:12]}")
     factors: dict[str, tuple[Tensor, Tensor]] = {}
     with safe_open(str(path), framework="pt", device=str(device)) as f:
-        names = {k.rsplit(".", 1)[0] for k in f.keys()}
+        names = {k.rsplit(".", 1)[0] for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
         for name in sorted(names):
             try:
                 a, b = f.get_tensor(f"{name}.lora_A"), f.get_tensor(f"{name}.lora_B")

@@ -191,9 +191,13 @@ class UniCharacterRuntime:
     @classmethod
     def random(
         cls, cfg: BagelConfig | None = None, *, device: str | torch.device = "auto",
-        dtype: str | torch.dtype = "auto", seed: int = 0, tokenizer: BagelTokenizer | None = None, **options: object,
+        dtype: str | torch.dtype = "auto", seed: int = 0, tokenizer: BagelTokenizer | None = None,
+        vae_params: AutoEncoderParams | None = None, **options: object,
     ) -> UniCharacterRuntime:
-        """Random weights of ``cfg`` (default: full size) built directly on ``device``: for benchmarks, no files."""
+        """Random weights of ``cfg`` and ``vae_params`` (default: full size, FLUX) built directly on ``device``.
+
+        For benchmarks and tests: no files; the tokenizer defaults to the tiny model's.
+        """
         from core.model.tiny import (  # only the benchmark path needs the local tokenizer
             random_vae,
             tiny_tokenizer,
@@ -205,7 +209,7 @@ class UniCharacterRuntime:
         with torch.device("meta"):
             model = Bagel(cfg)
         model = init_random_(model.to(dt).to_empty(device=dev), seed=seed).requires_grad_(False).eval()
-        vae = random_vae(AutoEncoderParams(z_channels=cfg.latent_channels), seed=seed, device=dev)
+        vae = random_vae(vae_params or AutoEncoderParams(z_channels=cfg.latent_channels), seed=seed, device=dev)
         return cls(model, vae, tokenizer or tiny_tokenizer(), **options)
 
     def _new_cache(self, rows: int, capacity: int) -> KVCache:

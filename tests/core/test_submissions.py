@@ -10,7 +10,14 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
-from core.db.models import AuditEntry, Character, CharacterSubmission, Job, Notification, TrainingJob
+from core.db.models import (
+    AuditEntry,
+    Character,
+    CharacterSubmission,
+    Job,
+    Notification,
+    TrainingJob,
+)
 from core.jobs import JobKind, JobState
 from core.media import FileStore
 from core.submissions import (
@@ -25,18 +32,19 @@ from core.submissions import (
     pending_notifications,
     perceptual_hash,
 )
-from tests.training.builders import make_db, make_settings, noise_png
+from tests.training.builders import make_settings, noise_png
 
 USER = Actor("test", "u1", "Ada")
 ADMIN = Actor("test", "admin")
 
 
 @pytest.fixture
-def env(tmp_path):
+def env(tmp_path, any_sessionmaker):
+    """Settings with admins, the store, the service; every test runs on SQLite and on PostgreSQL."""
     settings = make_settings(tmp_path)
     store = FileStore(settings.files_dir)
     sent: list[int] = []
-    return settings, make_db(settings), store, Submissions(settings, store, dispatch=sent.append), sent
+    return settings, any_sessionmaker, store, Submissions(settings, store, dispatch=sent.append), sent
 
 
 def fill(service: Submissions, db, n: int = 10, who: Actor = USER, name: str = "Ichihime") -> None:

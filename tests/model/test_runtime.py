@@ -199,3 +199,17 @@ def test_concurrent_requests_are_serialised_and_unaffected(runtime: UniCharacter
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda p: runtime.generate_text(ctx, p), params))
     assert together == alone
+
+
+def test_random_weights_build_without_files_for_benchmarks() -> None:
+    from core.model.config import BagelConfig
+    from core.model.tiny import TINY_LLM, TINY_VIT
+
+    from core.model.vae import AutoEncoderParams
+
+    cfg = BagelConfig(llm=TINY_LLM, vit=TINY_VIT)
+    rt = UniCharacterRuntime.random(cfg, device="cpu", seed=3, vae_params=AutoEncoderParams.tiny())
+    assert rt.dtype == torch.float32 and not any(p.is_meta for p in rt.model.parameters())
+    assert isinstance(rt.generate_text([TextSegment("hi")], TextParams(max_new_tokens=3, temperature=0.0)), str)
+    image = rt.generate_image(ImageContexts(cond=[TextSegment("x")]), ImageParams(width=32, height=32, num_timesteps=2))
+    assert image.size == (32, 32)

@@ -21,8 +21,17 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 __all__ = [
-    "FakeDiscord", "Recorded", "Posted", "BOT_ID", "APP_ID", "GUILD_ID", "CHANNEL_ID", "NSFW_CHANNEL_ID",
-    "BARE_CHANNEL_ID", "THREAD_ID", "user_payload",
+    "APP_ID",
+    "BARE_CHANNEL_ID",
+    "BOT_ID",
+    "CHANNEL_ID",
+    "GUILD_ID",
+    "NSFW_CHANNEL_ID",
+    "THREAD_ID",
+    "FakeDiscord",
+    "Posted",
+    "Recorded",
+    "user_payload",
 ]
 
 BOT_ID = 900000000000000001
@@ -110,7 +119,10 @@ def thread_payload(thread_id: int, parent_id: int, name: str) -> dict[str, Any]:
         "message_count": 0,
         "member_count": 1,
         "thread_metadata": {
-            "archived": False, "auto_archive_duration": 60, "archive_timestamp": TIMESTAMP, "locked": False
+            "archived": False,
+            "auto_archive_duration": 60,
+            "archive_timestamp": TIMESTAMP,
+            "locked": False,
         },
     }
 
@@ -444,9 +456,18 @@ class FakeDiscord:
             case ("GET", ["oauth2", "applications", "@me"]):
                 return _json(
                     {
-                        "id": str(APP_ID), "name": "UniChar", "description": "", "icon": None, "rpc_origins": [],
-                        "bot_public": True, "bot_require_code_grant": False, "verify_key": "00", "flags": 0,
-                        "owner": user_payload(OWNER_ID, "owner"), "team": None, "summary": "",
+                        "id": str(APP_ID),
+                        "name": "UniChar",
+                        "description": "",
+                        "icon": None,
+                        "rpc_origins": [],
+                        "bot_public": True,
+                        "bot_require_code_grant": False,
+                        "verify_key": "00",
+                        "flags": 0,
+                        "owner": user_payload(OWNER_ID, "owner"),
+                        "team": None,
+                        "summary": "",
                         "interactions_endpoint_url": None,
                     }
                 )
@@ -467,9 +488,7 @@ class FakeDiscord:
                 self.typing.append(int(cid))
                 return web.Response(status=204)
             case ("GET", ["channels", cid, "webhooks"]):
-                return self._channel_or_404(cid) or _json(
-                    [w for w in self.webhooks.values() if w["channel_id"] == cid]
-                )
+                return self._channel_or_404(cid) or _json([w for w in self.webhooks.values() if w["channel_id"] == cid])
             case ("POST", ["channels", cid, "webhooks"]):
                 return self._channel_or_404(cid) or _json(self._create_webhook(cid, body["name"]))
             case ("POST", ["channels", cid, "messages"]):
@@ -506,10 +525,8 @@ class FakeDiscord:
             case ("DELETE", ["webhooks", _wid, token, "messages", mid]):
                 posted = self._find(token, mid)
                 return self._delete(posted.id) if posted else web.Response(status=404)
-            case ("PUT", ["applications", _app, *scope, "commands"]):
-                return _json(
-                    [dict(c, id=str(self.next_id()), application_id=str(APP_ID), version="1") for c in body]
-                )
+            case ("PUT", ["applications", _app, *_scope, "commands"]):
+                return _json([dict(c, id=str(self.next_id()), application_id=str(APP_ID), version="1") for c in body])
         return _json({"message": f"fake has no route {method} {path}", "code": 0}, status=404)
 
     def _channel_or_404(self, cid: str) -> web.Response | None:
@@ -574,8 +591,13 @@ class FakeDiscord:
 
     def _attachments(self, files: dict[str, bytes]) -> list[dict[str, Any]]:
         return [
-            {"id": str(self.next_id()), "filename": name, "size": len(data), "url": f"{self.base}/cdn/{name}",
-             "proxy_url": f"{self.base}/cdn/{name}"}
+            {
+                "id": str(self.next_id()),
+                "filename": name,
+                "size": len(data),
+                "url": f"{self.base}/cdn/{name}",
+                "proxy_url": f"{self.base}/cdn/{name}",
+            }
             for name, data in files.items()
         ]
 

@@ -52,9 +52,13 @@ def state(fake: FakeDiscord) -> Any:
 
 
 def message(state: Any, data: dict[str, Any]) -> discord.Message:
-    channel = state._get_guild(int(data["guild_id"])).get_channel(int(data["channel_id"])) if "guild_id" in data else None
+    channel = (
+        state._get_guild(int(data["guild_id"])).get_channel(int(data["channel_id"])) if "guild_id" in data else None
+    )
     if channel is None:
-        channel = discord.DMChannel(me=state.user, state=state, data={"id": data["channel_id"], "type": 1, "recipients": [data["author"]]})
+        channel = discord.DMChannel(
+            me=state.user, state=state, data={"id": data["channel_id"], "type": 1, "recipients": [data["author"]]}
+        )
     return discord.Message(state=state, channel=channel, data=data)
 
 
@@ -75,7 +79,9 @@ def test_who_gets_an_answer(state: Any, fake: FakeDiscord) -> None:
     assert addressed(fake.message_event("reply", author=USER, reference=_webhook_message(fake, HOOK_ID)))
     assert not addressed(fake.message_event("reply", author=USER, reference=_webhook_message(fake, HOOK_ID + 1)))
     # bots and webhooks, the characters included, are never answered: no loops
-    assert not addressed(fake.message_event(f"<@{BOT_ID}>", author=user_payload(5, "other-bot", bot=True), mentions=[BOT]))
+    assert not addressed(
+        fake.message_event(f"<@{BOT_ID}>", author=user_payload(5, "other-bot", bot=True), mentions=[BOT])
+    )
     hooked = fake.message_event(f"<@{BOT_ID}>", author=USER, mentions=[BOT])
     hooked["webhook_id"] = str(HOOK_ID + 5)
     assert not addressed(hooked)
@@ -90,7 +96,10 @@ def test_text_loses_our_mention_and_keeps_others_readable(state: Any, fake: Fake
     assert text == "tell @kim about #after-dark @\u200beveryone"
     neutral = incoming(message(state, data), text, ())
     assert (neutral.platform, neutral.user_id, neutral.chat_id, neutral.is_group) == (
-        "discord", USER["id"], str(CHANNEL_ID), True
+        "discord",
+        USER["id"],
+        str(CHANNEL_ID),
+        True,
     )
 
 
@@ -115,13 +124,22 @@ def test_no_webhook_without_manage_webhooks_or_in_dms(state: Any) -> None:
 
 def test_attachments_are_refused_before_download_by_type_and_size(state: Any, settings: Any) -> None:
     def attachment(name: str, content_type: str, size: int) -> discord.Attachment:
-        data = {"id": "1", "filename": name, "size": size, "url": "http://127.0.0.1:9/x", "proxy_url": "http://127.0.0.1:9/x",
-                "content_type": content_type}
+        data = {
+            "id": "1",
+            "filename": name,
+            "size": size,
+            "url": "http://127.0.0.1:9/x",
+            "proxy_url": "http://127.0.0.1:9/x",
+            "content_type": content_type,
+        }
         return discord.Attachment(data=data, state=state)
 
     intake = asyncio.run(
         read_images(
-            [attachment("a.pdf", "application/pdf", 10), attachment("b.png", "image/png", settings.max_upload_bytes + 1)],
+            [
+                attachment("a.pdf", "application/pdf", 10),
+                attachment("b.png", "image/png", settings.max_upload_bytes + 1),
+            ],
             settings,
         )
     )
@@ -166,10 +184,24 @@ def test_guild_settings_list_channels_and_threads_follow_their_parent(state: Any
     guild = next(iter(state._guilds.values()))
     general, after_dark = guild.get_channel(CHANNEL_ID), guild.get_channel(NSFW_CHANNEL_ID)
     thread = discord.Thread(
-        guild=guild, state=state,
-        data={"id": "980000000000000001", "guild_id": str(guild.id), "parent_id": str(NSFW_CHANNEL_ID), "name": "t",
-              "type": 11, "owner_id": USER["id"], "message_count": 0, "member_count": 1, "thread_metadata": {"archived": False, "auto_archive_duration": 60,
-              "archive_timestamp": "2026-11-28T02:00:00+00:00", "locked": False}},
+        guild=guild,
+        state=state,
+        data={
+            "id": "980000000000000001",
+            "guild_id": str(guild.id),
+            "parent_id": str(NSFW_CHANNEL_ID),
+            "name": "t",
+            "type": 11,
+            "owner_id": USER["id"],
+            "message_count": 0,
+            "member_count": 1,
+            "thread_metadata": {
+                "archived": False,
+                "auto_archive_duration": 60,
+                "archive_timestamp": "2026-11-28T02:00:00+00:00",
+                "locked": False,
+            },
+        },
     )
     with sessionmaker.begin() as session:
         assert guilds.place_of(session, general) == guilds.Place(allowed=True, listen=False, nsfw=False)

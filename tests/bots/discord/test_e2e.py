@@ -221,7 +221,9 @@ def test_dm_and_missing_manage_webhooks_fall_back_to_the_embed_author(stack) -> 
     async def body() -> None:
         async with running_bot(stack) as (fake, bot):
             dm_channel = 960000000000000001
-            await fake.dispatch("MESSAGE_CREATE", fake.message_event("hello", author=USER, channel_id=dm_channel, guild=False))
+            await fake.dispatch(
+                "MESSAGE_CREATE", fake.message_event("hello", author=USER, channel_id=dm_channel, guild=False)
+            )
             dm = await _wait_text(fake, "echo:", channel=dm_channel)
             assert dm.via == "bot" and dm.payload["embeds"][0]["author"]["name"] == "Alice"
 
@@ -357,7 +359,9 @@ def test_server_settings_choose_where_characters_speak(stack) -> None:
             listen["data"]["resolved"] = allow["data"]["resolved"]
             await fake.dispatch("INTERACTION_CREATE", listen)
             await fake.wait_until(lambda: fake.callbacks.get(listen["token"]))
-            await fake.dispatch("MESSAGE_CREATE", fake.message_event("no mention", author=USER, channel_id=NSFW_CHANNEL_ID))
+            await fake.dispatch(
+                "MESSAGE_CREATE", fake.message_event("no mention", author=USER, channel_id=NSFW_CHANNEL_ID)
+            )
             reply = await _wait_text(fake, "echo:", channel=NSFW_CHANNEL_ID)
             await bot.deliveries.wait_all()
             assert "no mention" in reply.content
@@ -368,7 +372,7 @@ def test_server_settings_choose_where_characters_speak(stack) -> None:
 
 def test_admins_review_submissions_and_submitters_hear_by_dm(stack) -> None:
     async def body() -> None:
-        async with running_bot(stack) as (fake, bot):
+        async with running_bot(stack) as (fake, _bot):
             ten = _newcharacter(fake, [png(seed=n) for n in range(10)])
             await fake.dispatch("INTERACTION_CREATE", ten)
             assert "is submitted" in await _followup(fake, ten)
@@ -403,7 +407,9 @@ def test_with_the_tiny_model_a_mention_streams_a_reply_and_imagine_draws(tiny_st
     async def body() -> None:
         async with running_bot(tiny_stack) as (fake, bot):
             await fake.dispatch("MESSAGE_CREATE", _mention(fake, "tell me a story"))
-            await fake.wait_until(lambda: _jobs(tiny_stack.sessions) and _jobs(tiny_stack.sessions)[0].delivered_at, 120)
+            await fake.wait_until(
+                lambda: _jobs(tiny_stack.sessions) and _jobs(tiny_stack.sessions)[0].delivered_at, 120
+            )
             reply = fake.in_channel(CHANNEL_ID, via="webhook")
             assert reply and reply[0].username == "Alice" and reply[0].content
             assert all(m.payload["allowed_mentions"] == {"parse": []} for m in reply)
@@ -424,11 +430,15 @@ def test_regenerate_draws_again_and_delete_removes_the_picture(stack) -> None:
         async with running_bot(stack) as (fake, bot):
             image = await _imagine(fake, bot, "a red kite")
             ids = [c["custom_id"] for row in image.payload["components"] for c in row["components"]]
-            press = fake.interaction_event(user=USER, kind=3, data={"custom_id": ids[0], "component_type": 2}, message=image)
+            press = fake.interaction_event(
+                user=USER, kind=3, data={"custom_id": ids[0], "component_type": 2}, message=image
+            )
             await fake.dispatch("INTERACTION_CREATE", press)
             await fake.wait_until(lambda: len([m for m in fake.in_channel(CHANNEL_ID) if m.files]) == 2)
             await bot.deliveries.wait_all()
-            press = fake.interaction_event(user=USER, kind=3, data={"custom_id": ids[2], "component_type": 2}, message=image)
+            press = fake.interaction_event(
+                user=USER, kind=3, data={"custom_id": ids[2], "component_type": 2}, message=image
+            )
             await fake.dispatch("INTERACTION_CREATE", press)
             await fake.wait_until(lambda: image.deleted)
         jobs = _jobs(stack.sessions)
@@ -440,6 +450,7 @@ def test_regenerate_draws_again_and_delete_removes_the_picture(stack) -> None:
 def test_memory_commands_pin_show_and_forget(stack) -> None:
     async def body() -> None:
         async with running_bot(stack) as (fake, _bot):
+
             async def command(sub: str, *options: dict[str, Any]) -> str:
                 event = fake.interaction_event(user=USER, data=_command("memory", *options, sub=sub))
                 await fake.dispatch("INTERACTION_CREATE", event)
@@ -516,6 +527,7 @@ def test_a_channel_full_of_other_webhooks_falls_back_to_the_embed(stack) -> None
 def test_character_list_info_autocomplete_and_status(stack) -> None:
     async def body() -> None:
         async with running_bot(stack) as (fake, _bot):
+
             async def answer(data: dict[str, Any], kind: int = 2) -> dict[str, Any]:
                 event = fake.interaction_event(user=USER, data=data, kind=kind)
                 await fake.dispatch("INTERACTION_CREATE", event)
@@ -532,5 +544,87 @@ def test_character_list_info_autocomplete_and_status(stack) -> None:
             assert choices["type"] == 8 and [c["name"] for c in choices["data"]["choices"]] == ["Alice"]
             status = await answer(_command("status"))
             assert "no requests in progress" in status["data"]["content"]
+
+    run(body())
+
+
+def test_missing_send_permission_is_a_safe_skip(stack) -> None:
+    async def body() -> None:
+        async with running_bot(stack) as (fake, bot):
+            missing = {"message": "Missing Permissions", "code": 50013}
+            fake.fail_next("POST", rf"/channels/{CHANNEL_ID}/typing", 403, missing)
+            await fake.dispatch("MESSAGE_CREATE", _mention(fake, "can you hear me?"))
+            await fake.wait_until(lambda: fake.calls("POST", rf"/channels/{CHANNEL_ID}/typing"))
+            await fake.dispatch("MESSAGE_CREATE", _mention(fake, "and now?"))  # the bot is still alive
+            reply = await _wait_text(fake, "echo:", via="webhook")
+            await bot.deliveries.wait_all()
+            assert "and now?" in reply.content
+        assert len(_jobs(stack.sessions)) == 1  # the first message stored nothing
+
+    run(body())
+
+
+def test_image_buttons_work_after_a_restart(stack) -> None:
+    async def body() -> None:
+        fake = FakeDiscord()
+        await fake.start()
+        try:
+            async with running_bot(stack, fake) as (_fake, bot):
+                image = await _imagine(fake, bot, "a quiet harbour")
+            fake.identified.clear()
+            async with running_bot(stack, fake) as (_fake, _bot):  # a new process: nothing in memory
+                accept = image.payload["components"][0]["components"][1]["custom_id"]
+                press = fake.interaction_event(
+                    user=USER, kind=3, data={"custom_id": accept, "component_type": 2}, message=image
+                )
+                await fake.dispatch("INTERACTION_CREATE", press)
+                answer = await fake.wait_until(lambda: fake.callbacks.get(press["token"]))
+                assert answer["type"] == 7 and image.payload["components"] == []
+        finally:
+            await fake.close()
+
+    run(body())
+
+
+class _HeldEcho:
+    """An echo model that stops after its first piece of text until the test lets it go on."""
+
+    def __init__(self) -> None:
+        import threading
+
+        from tests.doubles import EchoModel
+
+        self.echo = EchoModel()
+        self.go_on = threading.Event()
+
+    def generate_text(self, context: Any, params: Any, on_text: Any = None, adapter: Any = None) -> str:
+        reply = self.echo.reply_to(context)
+        if on_text is not None:
+            on_text(reply[:8])
+            self.go_on.wait(timeout=60)
+            on_text(reply[8:])
+        return reply
+
+    def generate_image(self, contexts: Any, params: Any, on_progress: Any = None, adapter: Any = None) -> Any:
+        return self.echo.generate_image(contexts, params, on_progress, adapter)
+
+    def count_tokens(self, text: str) -> int:
+        return self.echo.count_tokens(text)
+
+
+def test_a_reply_streams_into_one_message_by_edits(stack) -> None:
+    model = _HeldEcho()
+    stack.live.use_model(model)
+
+    async def body() -> None:
+        async with running_bot(stack) as (fake, bot):
+            await fake.dispatch("MESSAGE_CREATE", _mention(fake, "stream this please"))
+            first = await _wait_text(fake, "echo:", via="webhook")
+            assert first.content == "echo: st" and first.edits == 0  # the first piece is shown at once
+            model.go_on.set()
+            await fake.wait_until(lambda: "please" in first.content)
+            await bot.deliveries.wait_all()
+            assert first.edits >= 1 and first.content == "echo: stream this please"
+            assert len(fake.in_channel(CHANNEL_ID, via="webhook")) == 1
 
     run(body())

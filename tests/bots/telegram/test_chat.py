@@ -7,7 +7,7 @@ import threading
 import pytest
 from sqlalchemy import select
 
-from core.db.models import Job, User
+from core.db.models import Job, Message, User
 from core.jobs import JobState
 from tests.bots.telegram.conftest import (
     ANN,
@@ -78,6 +78,7 @@ def test_flood_wait_is_honoured_and_nothing_is_posted_twice(tg: Live) -> None:
             await fake.send(ANN, ANN, "Are you there?")
             await fake.wait_for(delivered(tg))
             assert reply_texts(fake, ANN) == ["echo: Are you there?"]
+            assert len(fake.called("sendMessage")) == 2  # refused once with retry_after, then sent once
 
     run(body)
 
@@ -247,5 +248,27 @@ def test_status_and_help(tg: Live) -> None:
             await fake.send(ANN, ANN, "/status")
             await fake.wait_for(lambda: any("no requests" in t for t in reply_texts(fake, ANN)))
             assert fake.called("setMyCommands")
+
+    run(body)
+
+
+def test_tiny_model_reply_streams_through_the_worker(tg: Live, tiny_model_dir) -> None:
+    from core.model.runtime import (
+        UniCharacterRuntime,  # imported here: only this test needs the runtime
+    )
+
+    tg.use_model(UniCharacterRuntime.load(tiny_model_dir, device="cpu"))
+
+    async def body() -> None:
+        async with fake_api() as fake, running_bot(tg, fake):
+            await fake.send(ANN, ANN, "Hello Ichihime!")
+            await fake.wait_for(lambda: jobs(tg) and jobs(tg)[0].delivered_at is not None, timeout=300)
+            job = jobs(tg)[0]
+            assert job.state is JobState.DONE, job.error
+            with tg.sessionmaker() as session:
+                reply = session.get(Message, job.reply_message_id)
+                stored = reply.text if reply is not None else ""
+            shown = " ".join(m.text for m in fake.bot_messages(ANN))
+            assert shown.split() == stored.split() or (not stored.strip() and "empty" in shown)
 
     run(body)

@@ -65,26 +65,3 @@ def test_restart_mid_reply_finishes_the_same_message_once(tg: Live) -> None:
 
     run(body)
 
-
-def test_tiny_model_reply_streams_through_the_worker(tg: Live, tiny_model_dir) -> None:
-    from core.model.runtime import UniCharacterRuntime
-
-    tg.use_model(UniCharacterRuntime.load(tiny_model_dir, device="cpu"))
-
-    async def body() -> None:
-        async with fake_api() as fake, running_bot(tg, fake):
-            await fake.send(ANN, ANN, "Hello Ichihime!")
-            await fake.wait_for(lambda: jobs(tg) and jobs(tg)[0].delivered_at is not None, timeout=300)
-            job = jobs(tg)[0]
-            if job.state is JobState.FAILED:  # the bot showed the failure; the worker's bug is reported
-                assert "went wrong" in fake.bot_messages(ANN)[-1].text
-                pytest.xfail(f"the worker failed the tiny model's reply: {job.error}")
-            with tg.sessionmaker() as session:
-                from core.db.models import Message
-
-                reply = session.get(Message, job.reply_message_id)
-                stored = reply.text if reply is not None else ""
-            shown = " ".join(m.text for m in fake.bot_messages(ANN))
-            assert shown.split() == stored.split() or (not stored.strip() and "empty" in shown)
-
-    run(body)
