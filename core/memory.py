@@ -186,8 +186,8 @@ def index_chat(session: Session, chat_id: int) -> int:
         .limit(1)
         .scalar_subquery()
     )
-    bounds = session.execute(select(last, recent)).one()
-    floor = min(-1 if bound is None else bound for bound in bounds)  # -1: from the first turn
+    bounds = select(func.coalesce(last, -1).label("last"), func.coalesce(recent, -1).label("recent")).subquery()
+    floor = select(case((bounds.c.last < bounds.c.recent, bounds.c.last), else_=bounds.c.recent)).scalar_subquery()
     marker = aliased(MessageTerm)
     rows = session.execute(
         select(Message.id, Message.conversation_id, Message.text)
@@ -314,18 +314,14 @@ def recall(session: Session, conversation: Conversation, query: str, *, before_i
     )
     stats = session.execute(
         select(MessageTerm.term, func.count(), func.sum(MessageTerm.length))
-        .where(MessageTerm.term.in_(wanted), *scope)
+        .where(MessageTerm.term.in_(wanted | {DOCUMENT}), *scope)
         .group_by(MessageTerm.term)
     ).all()
-    if not stats:
+    df = {term: n for term, n, _ in stats if term != DOCUMENT}
+    if not df:
         return []
-    df = {term: n for term, n, _ in stats}
-    average = sum(length for _, _, length in stats) / sum(df.values())  # length of the turns that matter
-    total = session.scalar(
-        select(func.count())
-        .select_from(Message)
-        .where(Message.conversation_id.in_(conversation_ids), Message.id >= arrived, Message.id < before_id)
-    ) or 1
+    total = next(n for term, n, _ in stats if term == DOCUMENT)  # the turns in scope
+    average = sum(length for term, _, length in stats if term != DOCUMENT) / sum(df.values())
     chosen, budget = [], MAX_POSTINGS
     for term in sorted(df, key=df.__getitem__)[:QUERY_TERMS]:  # rarest first: they carry the meaning
         if df[term] > budget:

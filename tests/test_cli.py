@@ -110,3 +110,34 @@ def test_settings_error_hides_secret_input() -> None:
     message = cli.describe_settings_error(caught.value)
     assert "UNICHAR_DISCORD_TOKEN" in message and "UNICHAR_MAX_ATTEMPTS" in message
     assert "not" not in message.split("UNICHAR_DISCORD_TOKEN", 1)[1].split("\n", 1)[0]
+
+
+def test_chat_without_redis_or_schema_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{probe.getsockname()[1]}/0"
+    monkeypatch.setenv("UNICHAR_REDIS_URL", dead)
+    assert cli.main(["chat"]) == 2
+    assert "Redis does not answer" in capsys.readouterr().err
+
+    from unichar.run import redis_answers
+
+    if not redis_answers("redis://127.0.0.1:6379/0"):
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    monkeypatch.setenv("UNICHAR_REDIS_URL", "redis://127.0.0.1:6379/0")
+    assert cli.main(["chat"]) == 2
+    assert "unichar db upgrade" in capsys.readouterr().err
+
+
+def test_database_and_redis_passwords_are_masked_too(capsys: pytest.CaptureFixture[str]) -> None:
+    settings = Settings(
+        database_url="postgresql+psycopg://app:pg-secret@db/app", redis_url="redis://:r-secret@r:6379/0"
+    )
+    cli.configure_logging(settings)
+    logging.getLogger("unichar.test").warning("cannot reach %s or %s", settings.database_url, settings.redis_url)
+    err = capsys.readouterr().err
+    assert "pg-secret" not in err and "r-secret" not in err and "app:***@db" in err

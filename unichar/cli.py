@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Final
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -63,6 +64,7 @@ def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"))
     secrets = [s.get_secret_value() for s in (settings.telegram_token, settings.discord_token) if s is not None]
+    secrets += [urlsplit(url).password or "" for url in (settings.database_url, settings.redis_url)]
     handler.addFilter(_RedactSecrets(secrets))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     for name in _QUIET:
@@ -112,7 +114,13 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 def _chat(args: argparse.Namespace, settings: Settings) -> int:
     """The terminal frontend, through Redis and a worker like any bot."""
     from bots.console import run_console
+    from core.db.migrate import current
+    from unichar.run import redis_answers
 
+    if not redis_answers(settings.redis_url):
+        raise CliError("Redis does not answer at UNICHAR_REDIS_URL: start `unichar run` (it starts one) or set the URL")
+    if current(settings.sql_url) is None:
+        raise CliError("the SQL store has no schema yet: run `unichar db upgrade` (or `unichar run`) first")
     return run_console(settings, user=args.user)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Final
 
@@ -267,7 +268,23 @@ async def chat_message(update: Update, context: BotContext) -> None:
     text = addressed_text(message, context.bot, context.services.settings.telegram_trigger_word)
     if text is None:
         return
-    await ask(update, context, incoming(update, text))
+    async with _in_order(update, context):
+        await ask(update, context, incoming(update, text))
+
+
+def _in_order(update: Update, context: BotContext) -> asyncio.Lock:
+    """The chat's lock: messages run as concurrent tasks, yet one chat's are answered in the order sent.
+
+    Taken before the handler's first await; asyncio's locks are FIFO, so tasks queue in update order.
+    """
+    locks: weakref.WeakValueDictionary[int, asyncio.Lock] = context.bot_data.setdefault(
+        "chat_locks", weakref.WeakValueDictionary()
+    )
+    chat_id = update.effective_chat.id if update.effective_chat else 0
+    lock = locks.get(chat_id)
+    if lock is None:
+        lock = locks[chat_id] = asyncio.Lock()
+    return lock
 
 
 def _albums(context: BotContext) -> AlbumCollector:
@@ -283,7 +300,8 @@ async def picture_message(update: Update, context: BotContext) -> None:
     assert message is not None
     if message.media_group_id is not None:
         _albums(context).add(message.media_group_id, update, lambda parts: _pictures(parts, context))
-    else:
+        return
+    async with _in_order(update, context):
         await _pictures([update], context)
 
 

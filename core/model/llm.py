@@ -3,17 +3,16 @@
 Notable:
 - Every token-wise weight exists twice: the understanding expert (``q_proj``, ``mlp``, ``norm``, ...) and the
   generation expert (``*_moe_gen``). Attention itself is shared: one softmax over the whole sequence.
-- A forward is either *und-only* (text, ViT blocks, decoding) or *mixed*: a generation block laid out as
-  ``[<|vision_start|>, latents..., <|vision_end|>]`` where the two markers take the understanding weights and the
-  latents the generation weights. The split is by contiguous slices, never by scatter.
+- A forward is either *und-only* (text, ViT blocks, decoding) or *mixed*: a generation block whose two markers
+  (``<|vision_start|>``, ``<|vision_end|>``) take the understanding weights and whose latents take the generation
+  weights. The experts' tokens travel as separate contiguous streams and meet only inside attention, so there
+  is no scatter and no per-layer split or merge.
 - RMSNorm and RoPE run in float32 and cast back afterwards, the official order (MODEL.md 2.3, 11.4); on a bf16
   GPU model this matches the official code within bf16 tolerance, on an fp32 CPU model it is exact.
 - Position ids are given per token: text tokens count up, every token of an image block shares one id.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +34,7 @@ __all__ = [
 ]
 
 GEN = "_moe_gen"  # name suffix of the generation expert's weights
+EXPERTS = ("", GEN)  # weight-name suffix of each expert, in the order of a forward's token parts
 
 
 class RMSNorm(nn.Module):
@@ -83,21 +83,13 @@ def norm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -
     return (h * cos + torch.cat([-h2, h1], dim=-1) * sin).to(x.dtype)
 
 
-def _split(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Mixed layout ``[marker, latents, marker]`` -> (the two markers, the latents)."""
-    return torch.cat([x[:, :1], x[:, -1:]], dim=1), x[:, 1:-1]
+def _split(x: Tensor) -> list[Tensor]:
+    """Mixed layout ``[marker, latents, marker]`` -> [the two markers, the latents] (each contiguous)."""
+    return [torch.cat([x[:, :1], x[:, -1:]], dim=1), x[:, 1:-1].contiguous()]
 
 
 def _merge(und: Tensor, gen: Tensor) -> Tensor:
     return torch.cat([und[:, :1], gen, und[:, 1:]], dim=1)
-
-
-def _route(x: Tensor, und: Callable[[Tensor], Tensor], gen: Callable[[Tensor], Tensor], mixed: bool) -> Tensor:
-    """Apply the token-wise function of each token's expert."""
-    if not mixed:
-        return und(x)
-    u, g = _split(x)
-    return _merge(und(u), gen(g))
 
 
 class MoTAttention(nn.Module):
@@ -108,7 +100,7 @@ class MoTAttention(nn.Module):
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        for sfx in ("", GEN):
+        for sfx in EXPERTS:
             setattr(self, f"q_proj{sfx}", nn.Linear(cfg.hidden_size, q_dim, bias=True))
             setattr(self, f"k_proj{sfx}", nn.Linear(cfg.hidden_size, kv_dim, bias=True))
             setattr(self, f"v_proj{sfx}", nn.Linear(cfg.hidden_size, kv_dim, bias=True))
@@ -117,30 +109,28 @@ class MoTAttention(nn.Module):
             setattr(self, f"k_norm{sfx}", RMSNorm(self.head_dim, cfg.rms_norm_eps))
         self.norm_rope = norm_rope  # Qwen2MoTModel.compile_kernels() swaps in a fused version
 
-    def _qk(self, sfx: str, rope: Rope) -> Callable[[Tensor], Tensor]:
-        """One expert's Q and K after its norms and RoPE, packed as ``[B, L, H + Hk, D]`` so one route serves both."""
-
-        def project(h: Tensor) -> Tensor:
-            B, L, _ = h.shape
-            q = getattr(self, f"q_proj{sfx}")(h).view(B, L, self.num_heads, self.head_dim)
-            k = getattr(self, f"k_proj{sfx}")(h).view(B, L, self.num_kv_heads, self.head_dim)
-            q_norm, k_norm = getattr(self, f"q_norm{sfx}"), getattr(self, f"k_norm{sfx}")
-            # one fused call for both: each head row gets its own norm's weight (same eps by construction)
-            weight = torch.cat([q_norm.weight.expand(self.num_heads, -1), k_norm.weight.expand(self.num_kv_heads, -1)])
-            return self.norm_rope(torch.cat([q, k], dim=2), weight, q_norm.eps, rope.cos, rope.sin)
-
-        return project
+    def _qk(self, h: Tensor, sfx: str, rope: Rope) -> Tensor:
+        """One expert's Q and K after its norms and RoPE, packed as ``[B, L, H + Hk, D]``."""
+        B, L, _ = h.shape
+        q = getattr(self, f"q_proj{sfx}")(h).view(B, L, self.num_heads, self.head_dim)
+        k = getattr(self, f"k_proj{sfx}")(h).view(B, L, self.num_kv_heads, self.head_dim)
+        q_norm, k_norm = getattr(self, f"q_norm{sfx}"), getattr(self, f"k_norm{sfx}")
+        # one fused call for both: each head row gets its own norm's weight (same eps by construction)
+        weight = torch.cat([q_norm.weight.expand(self.num_heads, -1), k_norm.weight.expand(self.num_kv_heads, -1)])
+        return self.norm_rope(torch.cat([q, k], dim=2), weight, q_norm.eps, rope.cos, rope.sin)
 
     def forward(
-        self, h: Tensor, rope: Rope, cache: KVCache | None, layer: int, span: CacheSpan | None,
-        causal: bool, mixed: bool,
-    ) -> Tensor:
-        # h: [B, L, C] (already normed by the layer); returns the attention output before o_proj routing
-        B, L, _ = h.shape
-        qk = _route(h, self._qk("", rope), self._qk(GEN, rope), mixed)  # [B, L, H + Hk, D]
+        self, parts: list[Tensor], rope: Rope, cache: KVCache | None, layer: int, span: CacheSpan | None,
+        causal: bool,
+    ) -> list[Tensor]:
+        """Each part's attention output after its own ``o_proj``; ``parts`` are normed hidden states per expert."""
+        # parts: [und [B, Lu, C], gen [B, Lg, C]?]; one sequence [und tokens, gen tokens] for the shared softmax
+        qk = [self._qk(h, sfx, rope) for h, sfx in zip(parts, EXPERTS)]
+        v = [getattr(self, f"v_proj{sfx}")(h) for h, sfx in zip(parts, EXPERTS)]
+        qk, v = (t[0] if len(parts) == 1 else torch.cat(t, dim=1) for t in (qk, v))
+        B, L = qk.shape[:2]
         q, k = qk.transpose(1, 2).split([self.num_heads, self.num_kv_heads], dim=1)  # [B, heads, L, D]
-        v = _route(h, self.v_proj, self.v_proj_moe_gen, mixed).view(B, L, self.num_kv_heads, self.head_dim)
-        v = v.transpose(1, 2)
+        v = v.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if cache is None:
             out = attend(q, k, v, causal=causal)
         else:
@@ -153,33 +143,32 @@ class MoTAttention(nn.Module):
                     attend(q[b : b + 1], k[b : b + 1, :, keys], v[b : b + 1, :, keys], causal=causal)
                     for b, keys in enumerate(own)
                 ])
-        return out.transpose(1, 2).reshape(B, L, -1)
+        outs = out.transpose(1, 2).split([h.shape[1] for h in parts], dim=1)  # [B, Li, H, D] views
+        return [getattr(self, f"o_proj{sfx}")(o.reshape(B, o.shape[1], -1)) for o, sfx in zip(outs, EXPERTS)]
 
 
 class MoTDecoderLayer(nn.Module):
-    """Pre-norm block; norms, attention projections and MLP are per expert."""
+    """Pre-norm block; norms, attention projections and MLP are per expert, the attention is shared."""
 
     def __init__(self, cfg: LLMConfig) -> None:
         super().__init__()
         self.self_attn = MoTAttention(cfg)
         self.mlp, self.mlp_moe_gen = Qwen2MLP(cfg), Qwen2MLP(cfg)
-        for sfx in ("", GEN):
+        for sfx in EXPERTS:
             setattr(self, f"input_layernorm{sfx}", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
             setattr(self, f"post_attention_layernorm{sfx}", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
 
     def forward(
-        self, x: Tensor, rope: Rope, cache: KVCache | None, layer: int, span: CacheSpan | None,
-        causal: bool, mixed: bool,
-    ) -> Tensor:
-        h = _route(x, self.input_layernorm, self.input_layernorm_moe_gen, mixed)
-        a = self.self_attn(h, rope, cache, layer, span, causal, mixed)
-        x = x + _route(a, self.self_attn.o_proj, self.self_attn.o_proj_moe_gen, mixed)
-        return x + _route(
-            x,
-            lambda t: self.mlp(self.post_attention_layernorm(t)),
-            lambda t: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(t)),
-            mixed,
-        )
+        self, parts: list[Tensor], rope: Rope, cache: KVCache | None, layer: int, span: CacheSpan | None,
+        causal: bool,
+    ) -> list[Tensor]:
+        """``parts``: the understanding tokens, then (mixed blocks) the generation tokens, as separate streams."""
+        normed = [getattr(self, f"input_layernorm{sfx}")(x) for x, sfx in zip(parts, EXPERTS)]
+        parts = [x + a for x, a in zip(parts, self.self_attn(normed, rope, cache, layer, span, causal))]
+        return [
+            x + getattr(self, f"mlp{sfx}")(getattr(self, f"post_attention_layernorm{sfx}")(x))
+            for x, sfx in zip(parts, EXPERTS)
+        ]
 
 
 class Qwen2MoTModel(nn.Module):
@@ -205,21 +194,31 @@ class Qwen2MoTModel(nn.Module):
             elif isinstance(module, (RMSNorm, Qwen2MLP)):
                 module.compile(dynamic=True)
 
+    def forward_parts(
+        self, parts: list[Tensor], positions: Tensor, *, cache: KVCache | None = None,
+        span: CacheSpan | None = None, causal: bool,
+    ) -> list[Tensor]:
+        """Hidden states before the final norms of ``[und tokens]`` or ``[und tokens, gen tokens]``.
+
+        Keeping the experts' tokens in separate contiguous streams means no split or merge per layer; they meet
+        only inside attention, as one sequence (und first). A two-part input is one image block, so ``positions``
+        is ``[B, 1]``: both experts' tokens share the row's rope id.
+        """
+        if len(parts) > 1 and positions.shape[1] != 1:
+            raise ValueError("a mixed (generation) block has one rope id per row")
+        rope = Rope(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        for i, layer in enumerate(self.layers):
+            parts = layer(parts, rope, cache, i, span, causal)
+        return parts
+
     def forward(
         self, x: Tensor, positions: Tensor, *, cache: KVCache | None = None, span: CacheSpan | None = None,
         causal: bool, mixed: bool = False,
     ) -> Tensor:
-        """Hidden states ``[B, L, C]`` before the final norm.
-
-        ``positions`` is ``[B, L]``, or ``[B, 1]`` when the whole input is one image block; a mixed input is always
-        one block, so both experts' tokens share the row's rope id.
-        """
-        if mixed and positions.shape[1] != 1:
-            raise ValueError("a mixed (generation) block has one rope id per row")
-        rope = Rope(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, cache, i, span, causal, mixed)
-        return x
+        """Hidden states ``[B, L, C]`` before the final norm; ``mixed`` inputs are ``[marker, latents, marker]``."""
+        if not mixed:
+            return self.forward_parts([x], positions, cache=cache, span=span, causal=causal)[0]
+        return _merge(*self.forward_parts(_split(x), positions, cache=cache, span=span, causal=causal))
 
 
 class Qwen2MoTForCausalLM(nn.Module):

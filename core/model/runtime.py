@@ -268,10 +268,10 @@ class UniCharacterRuntime:
         return _ImageBlock(patchify(z.float(), p), pos.to(self.device), vit=False)
 
     def _markers(self) -> tuple[Tensor, Tensor]:
+        """``<|vision_start|>`` and ``<|vision_end|>`` embedded, ``[1, 1, C]`` each."""
         s = self.tokenizer.special
-        ids = torch.tensor([s.vision_start, s.vision_end], device=self.device)
-        e = self.model.embed_text(ids)
-        return e[None, :1], e[None, 1:]  # [1, 1, C] each
+        e = self.model.embed_text(torch.tensor([[s.vision_start, s.vision_end]], device=self.device))
+        return e[:, :1], e[:, 1:]
 
     def _embed(self, block: _Block) -> Tensor:
         """The block's input embeddings ``[1, L, C]``."""
@@ -456,17 +456,18 @@ class UniCharacterRuntime:
             rows: CacheSpan(rows=slice(0, rows), start=min(starts), write=P, end=P + Q,
                             row_starts=starts if len(set(starts)) > 1 else None),
         }
-        start_marker, end_marker = self._markers()
+        markers = torch.cat(self._markers(), dim=1)  # [1, 2, C]
         total = params.num_timesteps - 1
         progress = _StepReporter(on_progress, total, self.device)
         for i in range(total):
             active = rows if guidance_active(ts_host[i], params.cfg_interval) else 1
             lat = self.model.embed_latents(x, ts_dev[i : i + 1], pos_ids)  # [1, N, C]
-            query = torch.cat([start_marker, lat, end_marker], dim=1).expand(active, -1, -1)
-            hidden = self.model.language_model.model(
-                query, rope[:active], cache=cache, span=spans[active], causal=False, mixed=True
+            # the query: the two markers (und expert) and the latents (gen expert), the same in every row
+            parts = [markers.expand(active, -1, -1), lat.expand(active, -1, -1)]
+            _, hidden = self.model.language_model.model.forward_parts(
+                parts, rope[:active], cache=cache, span=spans[active], causal=False
             )
-            v = self.model.velocity(hidden[:, 1:-1])  # [active, N, p*p*z]
+            v = self.model.velocity(hidden)  # [active, N, p*p*z]
             if active > 1:
                 v = cfg_combine(
                     v[:1], v[1:2], v[2:3] if rows > 2 else v[:1], params.cfg_text_scale, params.cfg_img_scale,

@@ -105,8 +105,19 @@ def test_mixed_layout_routes_markers_to_und_and_latents_to_gen(runtime: UniChara
     x = torch.randn(1, 5, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
     rope = Rope(torch.zeros(1, 1, dtype=torch.long), cfg.head_dim, cfg.rope_theta)
     with torch.inference_mode():
-        got = layer(x, rope, None, 0, None, causal=False, mixed=True)
-        want = _reference_layer(layer, x, ["", "_moe_gen", "_moe_gen", "_moe_gen", ""], cfg)
+        got = torch.cat(layer([x[:, :2], x[:, 2:]], rope, None, 0, None, causal=False), dim=1)
+        want = _reference_layer(layer, x, ["", "", "_moe_gen", "_moe_gen", "_moe_gen"], cfg)
         und = _reference_layer(layer, x, [""] * 5, cfg)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, und)
+
+
+def test_mixed_forward_keeps_the_marker_latents_marker_layout(runtime: UniCharacterRuntime) -> None:
+    model = runtime.model.language_model.model
+    x = torch.randn(2, 6, runtime.cfg.llm.hidden_size, generator=torch.Generator().manual_seed(4))
+    pos = torch.zeros(2, 1, dtype=torch.long)
+    with torch.inference_mode():
+        merged = model(x, pos, causal=False, mixed=True)
+        und, gen = model.forward_parts([x[:, [0, -1]], x[:, 1:-1]], pos, causal=False)
+    torch.testing.assert_close(merged[:, 1:-1], gen)
+    torch.testing.assert_close(merged[:, [0, -1]], und)

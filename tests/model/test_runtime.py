@@ -204,7 +204,6 @@ def test_concurrent_requests_are_serialised_and_unaffected(runtime: UniCharacter
 def test_random_weights_build_without_files_for_benchmarks() -> None:
     from core.model.config import BagelConfig
     from core.model.tiny import TINY_LLM, TINY_VIT
-
     from core.model.vae import AutoEncoderParams
 
     cfg = BagelConfig(llm=TINY_LLM, vit=TINY_VIT)
