@@ -185,38 +185,35 @@ class Client:
         self.engine.dispose()
 
 
-def measure(database: str, database_url: str, args: argparse.Namespace) -> Result:
+def measure(database: str, database_url: str, redis_url: str, args: argparse.Namespace) -> Result:
     """Latency over ``args.messages`` sequential messages, then throughput with ``args.users`` concurrent users.
 
     Both phases spread the messages over ``args.users`` users, so conversations stay a chat session long (the
     per-turn cost of memory recall grows with a conversation's length; ``--users 1`` shows that).
     """
+    Redis.from_url(redis_url).flushall()
     with tempfile.TemporaryDirectory(prefix="unichar-bench-") as folder:
-        data_dir = Path(folder)
-        with private_redis(_settings(data_dir, database_url, _dead_redis_url(), args.threads)) as redis_url:
-            settings = _settings(data_dir, database_url, redis_url, args.threads)
-            upgrade(settings.sql_url)
-            with make_sessionmaker(make_engine(settings.sql_url)).begin() as session:
-                session.add(Character(name="Bench", description="Answers at once."))
-            with _worker(settings) as worker:
-                client = Client(settings)
-                try:
-                    for n in range(args.warmup):
-                        client.message("warmup", n)
-                    pids = {"client": None, "worker": worker.pid, "redis": client.redis.info("server")["process_id"]}
-                    cpu_before = {name: _cpu_s(pid) for name, pid in pids.items()}
-                    # one message at a time, users in turn: conversations of messages / users turns each
-                    latencies = sorted(client.message(f"solo{n % args.users}", n) for n in range(args.messages))
-                    cpu_ms = {
-                        name: 1000 * (_cpu_s(pid) - cpu_before[name]) / args.messages for name, pid in pids.items()
-                    }
-                    started = time.perf_counter()
-                    with ThreadPoolExecutor(args.users) as pool:
-                        work = [pool.submit(_user, client, f"user{u}", args.per_user) for u in range(args.users)]
-                        sent = sum(future.result() for future in work)
-                    elapsed = time.perf_counter() - started
-                finally:
-                    client.close()
+        settings = _settings(Path(folder), database_url, redis_url, args.threads)
+        upgrade(settings.sql_url)
+        with make_sessionmaker(make_engine(settings.sql_url)).begin() as session:
+            session.add(Character(name="Bench", description="Answers at once."))
+        with _worker(settings) as worker:
+            client = Client(settings)
+            try:
+                for n in range(args.warmup):
+                    client.message("warmup", n)
+                pids = {"client": None, "worker": worker.pid, "redis": client.redis.info("server")["process_id"]}
+                cpu_before = {name: _cpu_s(pid) for name, pid in pids.items()}
+                # one message at a time, users in turn: conversations of messages / users turns each
+                latencies = sorted(client.message(f"solo{n % args.users}", n) for n in range(args.messages))
+                cpu_ms = {name: 1000 * (_cpu_s(pid) - cpu_before[name]) / args.messages for name, pid in pids.items()}
+                started = time.perf_counter()
+                with ThreadPoolExecutor(args.users) as pool:
+                    work = [pool.submit(_user, client, f"user{u}", args.per_user) for u in range(args.users)]
+                    sent = sum(future.result() for future in work)
+                elapsed = time.perf_counter() - started
+            finally:
+                client.close()
     return Result(
         database=database,
         p50_ms=1000 * statistics.median(latencies),
@@ -261,24 +258,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.mode == "worker":
         return run_worker()
-    print(f"machine: {_machine()}; worker threads: {args.threads}")
+    print(f"machine: {_machine()}; worker threads: {args.threads}", flush=True)
     print("| database | p50 ms | p99 ms | mean ms | messages | msg/s, concurrent users (messages) | CPU ms/message |")
     print("|---|---|---|---|---|---|---|")
-    for database in args.db.split(","):
-        with tempfile.TemporaryDirectory() as folder:
+    # one private Redis for every run: the client's Celery app keeps its broker connections
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        private_redis(_settings(Path(folder), "", _dead_redis_url(), 1)) as url,
+    ):
+        for database in args.db.split(","):
             if database == "sqlite":
-                result = measure(database, f"sqlite:///{folder}/bench.db", args)
+                _print(measure(database, f"sqlite:///{folder}/bench.db", url, args))
             else:
-                with _postgres_database() as url:
-                    result = measure(database, url, args)
-        print(
-            f"| {result.database} | {result.p50_ms:.1f} | {result.p99_ms:.1f} | {result.mean_ms:.1f} | "
-            f"{result.messages} | {result.throughput:.0f} with {result.users} users ({result.concurrent_messages}) | "
-            + ", ".join(f"{name} {ms:.1f}" for name, ms in result.cpu_ms.items())
-            + " |",
-            flush=True,
-        )
+                with _postgres_database() as database_url:
+                    _print(measure(database, database_url, url, args))
     return 0
+
+
+def _print(result: Result) -> None:
+    """One Markdown table row."""
+    cpu = ", ".join(f"{name} {ms:.1f}" for name, ms in result.cpu_ms.items())
+    print(
+        f"| {result.database} | {result.p50_ms:.1f} | {result.p99_ms:.1f} | {result.mean_ms:.1f} | {result.messages} | "
+        f"{result.throughput:.0f} with {result.users} users ({result.concurrent_messages}) | {cpu} |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

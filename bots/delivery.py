@@ -83,6 +83,7 @@ class Renderer(Protocol):
     limit: int  # longest message, in units of length()
     edit_interval: float  # seconds between two edits of one message
     action_interval: float  # seconds a chat action ("typing…") stays visible
+    # Optional ``caption_limit: int``: a reply this short goes out as the caption of its scene picture.
 
     def length(self, text: str) -> int:
         """Length of ``text`` in the platform's unit."""
@@ -344,7 +345,7 @@ class _Run:
     async def _show_text(self, *, final: bool) -> None:
         """Spread the reply over messages: finished ones are final, the last one is edited as text arrives."""
         limit, length = self.renderer.limit, self.renderer.length
-        while True:
+        while not self.state.get("captioned"):  # a captioned picture already shows the whole reply
             carry, offset = self.state["carry"], self.state["offset"]
             source = carry + self.text[offset:]
             if not source.strip():
@@ -419,15 +420,32 @@ class _Run:
     async def _show_image(self, key: str) -> None:
         if key in self.state["images"]:
             return
+        caption = ""
         if self.target.kind is JobKind.CHAT:
             await self._show_text(final=True)  # the words first, then the scene they describe
+            caption = self._caption()
         data = await asyncio.to_thread(self.owner.read_image, key)
         self.action = "upload_photo"
-        photo_id = await self._retrying(self.renderer.send_image, data, "")
+        photo_id = await self._retrying(self.renderer.send_image, data, caption)
         self.state["images"] = [*self.state["images"], key]
         self.state["photos"] = [*self.state["photos"], photo_id]
+        if caption:  # the photo now carries the words: the streamed message goes, and no text follows
+            text_id = self.state["messages"][0]
+            self.state.update(messages=[], captioned=True)
+            await self._save()
+            await self._drop_pacer()
+            with contextlib.suppress(MessageGone):
+                await self.renderer.delete(text_id)
         await self._save()
         await self._clear_status()
+
+    def _caption(self) -> str:
+        """The whole reply, when the platform can show it as the picture's caption (one short message so far)."""
+        limit = getattr(self.renderer, "caption_limit", 0)  # optional: platforms without captions leave it out
+        text = self.text.strip()
+        one_message = len(self.state["messages"]) == 1 and self.state["offset"] == 0 and not self.state["carry"]
+        fits = bool(text) and self.renderer.length(text) <= limit
+        return text if one_message and fits and self.state.get("images") == [] else ""
 
     async def _clear_status(self) -> None:
         status = self.state.pop("status", None)

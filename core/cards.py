@@ -184,7 +184,7 @@ def parse_card(document: Any) -> Card:
 
 def _decode_json(payload: bytes, what: str) -> Any:
     try:
-        return json.loads(payload.decode("utf-8"))
+        return json.loads(payload.decode("utf-8-sig"))  # a BOM is common in hand-edited JSON
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CardError(f"{what} is not valid JSON: {exc}") from None
 

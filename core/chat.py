@@ -191,7 +191,7 @@ class ChatService:
         with self.sessionmaker.begin() as session:
             who = self._who(session, message)
             conversation = self._conversation(session, who)
-            if len(repo.open_jobs(session, who.user.id)) >= self.settings.max_open_jobs:
+            if repo.count_open_jobs(session, who.user.id) >= self.settings.max_open_jobs:
                 raise _Refused(
                     f"You already have {self.settings.max_open_jobs} requests in progress; "
                     "please wait for one to finish (/status shows them)."

@@ -95,7 +95,10 @@ class TextDelta:
 
 @dataclass(frozen=True, slots=True)
 class Progress:
-    """Where a job stands: ``stage`` is queued, text or image; ``position`` is the queue position when queued."""
+    """Where a job stands: ``stage`` is queued, text or image; ``position`` is the queue position when queued.
+
+    ``stage == "retry"`` starts a new attempt after a worker died: text deltas before it are discarded.
+    """
 
     stage: str
     step: int = 0

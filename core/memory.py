@@ -101,6 +101,7 @@ MAX_POSTINGS: Final = 2000  # postings read per recall: the rarest query terms f
 QUERY_TERMS: Final = 8  # the rarest terms of the new message that recall searches for
 _INSERTS: Final = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}  # both can skip existing rows
 _NO_TERM: Final = "-"  # pads the query's terms; never a term (terms are letters and digits)
+_NO_END: Final = 2**62  # a message id above every real one
 RESCAN_TURNS: Final = 20  # the chat's latest turns checked again by the indexer
 DOCUMENT: Final = ""  # the term every indexed message has a posting for
 _FACTS_LINE = re.compile(r"(?im)^\s*facts?\s*:")
@@ -167,12 +168,9 @@ def terms(text: str) -> list[str]:
     return out
 
 
-def index_chat(session: Session, chat_id: int) -> int:
-    """Index the chat's turns that are not indexed yet; returns how many were indexed.
-
-    Reads the turns after the newest indexed one, plus the last few again: a turn committed late (a lower id
-    than one already indexed) is caught that way.
-    """
+def _unindexed_statement() -> Select[tuple[int, int, str]]:
+    """The chat's turns after the newest indexed one, and among its last RESCAN_TURNS, that have no postings."""
+    chat_id = bindparam("chat_id")
     last = (
         select(func.max(MessageTerm.message_id))
         .where(MessageTerm.chat_id == chat_id, MessageTerm.term == DOCUMENT)
@@ -186,19 +184,24 @@ def index_chat(session: Session, chat_id: int) -> int:
         .limit(1)
         .scalar_subquery()
     )
+    # -1: from the chat's first turn (nothing indexed yet, or a short chat)
     bounds = select(func.coalesce(last, -1).label("last"), func.coalesce(recent, -1).label("recent")).subquery()
     floor = select(case((bounds.c.last < bounds.c.recent, bounds.c.last), else_=bounds.c.recent)).scalar_subquery()
     marker = aliased(MessageTerm)
-    rows = session.execute(
+    return (
         select(Message.id, Message.conversation_id, Message.text)
         .outerjoin(marker, (marker.message_id == Message.id) & (marker.term == DOCUMENT))
-        .where(
-            Message.chat_id == chat_id,
-            Message.id > floor,
-            Message.role.in_(TURN_ROLES),
-            marker.message_id.is_(None),
-        )
-    ).all()
+        .where(Message.chat_id == chat_id, Message.id > floor, Message.role.in_(TURN_ROLES), marker.message_id.is_(None))
+    )
+
+
+def index_chat(session: Session, chat_id: int) -> int:
+    """Index the chat's turns that are not indexed yet; returns how many were indexed.
+
+    Reads the turns after the newest indexed one, plus the last few again: a turn committed late (a lower id
+    than one already indexed) is caught that way.
+    """
+    rows = session.execute(_UNINDEXED, {"chat_id": chat_id}).all()
     postings = []
     for message_id, conversation_id, text in rows:
         counts = Counter(terms(text))
@@ -223,12 +226,7 @@ def _speakers(session: Session, conversation_ids: Iterable[int]) -> dict[int, tu
     known: dict[int, tuple[str, str]] = session.info.setdefault("unichar.speakers", {})
     missing = set(conversation_ids) - known.keys()
     if missing:
-        rows = session.execute(
-            select(Conversation.id, User.display_name, Character.name)
-            .join(User, User.id == Conversation.user_id)
-            .join(Character, Character.id == Conversation.character_id)
-            .where(Conversation.id.in_(missing))
-        ).all()
+        rows = session.execute(_SPEAKERS, {"ids": list(missing)}).all()
         known.update({cid: (user or "User", character) for cid, user, character in rows})
     return known
 
@@ -265,13 +263,19 @@ def _scope(session: Session, conversation: Conversation) -> tuple[list[int], int
 def window(session: Session, conversation: Conversation, before_id: int | None, limit: int) -> list[Turn]:
     """The last ``limit`` turns this character heard in the chat before ``before_id``, oldest first."""
     conversation_ids, arrived = _scope(session, conversation)
-    query = select(*_TURN_COLUMNS).where(
-        Message.conversation_id.in_(conversation_ids), Message.id >= arrived, Message.role.in_(TURN_ROLES)
-    )
-    if before_id is not None:
-        query = query.where(Message.id < before_id)
-    rows = session.execute(query.order_by(Message.id.desc()).limit(limit)).all()
+    params = {"conversations": conversation_ids, "arrived": arrived, "before": before_id or _NO_END, "limit": limit}
+    rows = session.execute(_WINDOW, params).all()
     return _turns(session, list(reversed(rows)))
+
+
+def _heard() -> tuple[ColumnElement[bool], ...]:
+    """Postings of the turns the character heard: bound ``chat_id``, ``conversations``, ``arrived``, ``before``."""
+    return (
+        MessageTerm.chat_id == bindparam("chat_id"),
+        MessageTerm.conversation_id.in_(bindparam("conversations", expanding=True)),
+        MessageTerm.message_id >= bindparam("arrived"),
+        MessageTerm.message_id < bindparam("before"),
+    )
 
 
 def _bm25_statement() -> Select[tuple[int, float]]:
@@ -283,20 +287,54 @@ def _bm25_statement() -> Select[tuple[int, float]]:
     score = func.sum(idf * tf * (_BM25_K1 + 1) / norm).label("score")
     return (
         select(MessageTerm.message_id, score)
-        .where(
-            MessageTerm.term.in_(terms_),
-            MessageTerm.chat_id == bindparam("chat_id"),
-            MessageTerm.conversation_id.in_(bindparam("conversations", expanding=True)),
-            MessageTerm.message_id >= bindparam("arrived"),
-            MessageTerm.message_id < bindparam("before"),
-        )
+        .where(MessageTerm.term.in_(terms_), *_heard())
         .group_by(MessageTerm.message_id)
         .order_by(score.desc(), MessageTerm.message_id.desc())
         .limit(bindparam("limit"))
     )
 
 
+# Statements built once (building them is most of the cost of a small query); the caller binds the values.
+_UNINDEXED = _unindexed_statement()
+_WINDOW = (
+    select(*_TURN_COLUMNS)
+    .where(
+        Message.conversation_id.in_(bindparam("conversations", expanding=True)),
+        Message.id >= bindparam("arrived"),
+        Message.id < bindparam("before"),
+        Message.role.in_(TURN_ROLES),
+    )
+    .order_by(Message.id.desc())
+    .limit(bindparam("limit"))
+)
+_TERM_STATS = (
+    select(MessageTerm.term, func.count(), func.sum(MessageTerm.length))
+    .where(MessageTerm.term.in_(bindparam("terms", expanding=True)), *_heard())
+    .group_by(MessageTerm.term)
+)
 _BM25 = _bm25_statement()
+_TURNS_BY_ID = select(*_TURN_COLUMNS).where(Message.id.in_(bindparam("ids", expanding=True)))
+_SPEAKERS = (
+    select(Conversation.id, User.display_name, Character.name)
+    .join(User, User.id == Conversation.user_id)
+    .join(Character, Character.id == Conversation.character_id)
+    .where(Conversation.id.in_(bindparam("ids", expanding=True)))
+)
+_FACTS = (
+    select(Memory)
+    .where(
+        Memory.user_id == bindparam("user_id"),
+        Memory.character_id == bindparam("character_id"),
+        (Memory.kind == PINNED) | ((Memory.kind == EXTRACTED) & (Memory.chat_id == bindparam("chat_id"))),
+    )
+    .order_by(Memory.id)
+)
+_SUMMARY = (
+    select(Memory)
+    .where(Memory.conversation_id == bindparam("conversation_id"), Memory.kind == SUMMARY)
+    .order_by(Memory.covers_until_message_id.desc(), Memory.id.desc())
+    .limit(1)
+)
 
 
 def recall(session: Session, conversation: Conversation, query: str, *, before_id: int, limit: int) -> list[Turn]:
@@ -306,17 +344,8 @@ def recall(session: Session, conversation: Conversation, query: str, *, before_i
         return []
     index_chat(session, conversation.chat_id)
     conversation_ids, arrived = _scope(session, conversation)
-    scope = (
-        MessageTerm.chat_id == conversation.chat_id,
-        MessageTerm.conversation_id.in_(conversation_ids),
-        MessageTerm.message_id >= arrived,
-        MessageTerm.message_id < before_id,
-    )
-    stats = session.execute(
-        select(MessageTerm.term, func.count(), func.sum(MessageTerm.length))
-        .where(MessageTerm.term.in_(wanted | {DOCUMENT}), *scope)
-        .group_by(MessageTerm.term)
-    ).all()
+    scope = {"chat_id": conversation.chat_id, "conversations": conversation_ids, "arrived": arrived, "before": before_id}
+    stats = session.execute(_TERM_STATS, {"terms": [*wanted, DOCUMENT], **scope}).all()
     df = {term: n for term, n, _ in stats if term != DOCUMENT}
     if not df:
         return []
@@ -330,35 +359,26 @@ def recall(session: Session, conversation: Conversation, query: str, *, before_i
         budget -= df[term]
     if not chosen:  # every term is in thousands of turns: none tells them apart
         return []
-    params: dict[str, Any] = {
-        "chat_id": conversation.chat_id, "conversations": conversation_ids, "arrived": arrived, "before": before_id,
-        "average": average, "limit": limit,
-    }
+    params: dict[str, Any] = {**scope, "average": average, "limit": limit}
     for i in range(QUERY_TERMS):  # a fixed shape, so that the statement is compiled once and cached
         term = chosen[i] if i < len(chosen) else _NO_TERM
         params[f"t{i}"] = term
         params[f"w{i}"] = math.log(1 + (total - df[term] + 0.5) / (df[term] + 0.5)) if term in df else 0.0
     best = session.execute(_BM25, params).all()
     rank = {message_id: i for i, (message_id, _) in enumerate(best)}
-    rows = session.execute(select(*_TURN_COLUMNS).where(Message.id.in_(rank))).all()
+    rows = session.execute(_TURNS_BY_ID, {"ids": list(rank)}).all()
     return sorted(_turns(session, rows), key=lambda turn: rank[turn.message_id])
 
 
 def facts(session: Session, user_id: int, character_id: int, chat_id: int) -> list[Memory]:
     """The facts this character knows about the user here: pinned ones, then those learnt in this chat."""
-    query = select(Memory).where(
-        Memory.user_id == user_id,
-        Memory.character_id == character_id,
-        (Memory.kind == PINNED) | ((Memory.kind == EXTRACTED) & (Memory.chat_id == chat_id)),
-    )
-    rows = session.scalars(query.order_by(Memory.id)).all()
-    return sorted(rows, key=lambda m: m.kind != PINNED)
+    params = {"user_id": user_id, "character_id": character_id, "chat_id": chat_id}
+    return sorted(session.scalars(_FACTS, params).all(), key=lambda m: m.kind != PINNED)
 
 
 def latest_summary(session: Session, conversation_id: int) -> Memory | None:
     """The conversation's current rolling summary."""
-    query = select(Memory).where(Memory.conversation_id == conversation_id, Memory.kind == SUMMARY)
-    return session.scalars(query.order_by(Memory.covers_until_message_id.desc(), Memory.id.desc()).limit(1)).first()
+    return session.scalars(_SUMMARY, {"conversation_id": conversation_id}).first()
 
 
 def memory_context(

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from core.characters import CharacterError, export_card, get_character, import_card, list_characters
 from core.config import Settings
+from core.db.migrate import upgrade
 from core.db.session import make_engine, make_sessionmaker
 from core.media import FileStore
 from core.rolescape import import_rolescape, is_rolescape_folder
@@ -72,6 +73,7 @@ _ACTIONS = {"import": _import, "export": _export, "list": _list}
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     """Do the one action in one transaction; a refusal rolls everything back and exits with code 2."""
+    upgrade(settings.sql_url)  # a fresh machine may import characters before anything else ran
     db = make_sessionmaker(make_engine(settings.sql_url))
     store = FileStore(settings.files_dir)
     try:

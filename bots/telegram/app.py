@@ -248,12 +248,15 @@ def main(settings: Settings | None = None) -> int:
     import redis.asyncio
 
     from core.db.session import make_engine, make_sessionmaker
+    from workers.celery_app import app as celery
+    from workers.celery_app import configure
     from workers.tasks import dispatch
 
     settings = settings or get_settings()
     if settings.telegram_token is None or not settings.telegram_token.get_secret_value():
         log.error("UNICHAR_TELEGRAM_TOKEN is not set; the Telegram bot cannot start")
         return 2
+    configure(celery, settings)  # jobs go to this settings' broker, not only the environment's
     logging.getLogger("httpx").setLevel(logging.WARNING)  # its request lines carry the bot token
     application = build_application(
         settings,

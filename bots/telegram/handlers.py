@@ -110,6 +110,15 @@ async def ask(update: Update, context: BotContext, message: IncomingMessage) -> 
     return outcome
 
 
+def _outcome_text(outcome: ChatOutcome) -> str:
+    """A command's answer or refusal as one line of text (for editing a button's message)."""
+    if isinstance(outcome, Answer):
+        return outcome.text
+    if isinstance(outcome, Refusal):
+        return f"⚠️ {outcome.reason}"
+    return "Queued."
+
+
 async def _say(update: Update, text: str, markup: InlineKeyboardMarkup | None = None) -> None:
     """Answer in the chat of the update (a reply to its message when there is one)."""
     message = update.effective_message
@@ -380,8 +389,7 @@ async def pick_character(update: Update, context: BotContext) -> None:
         return
     await query.answer()
     outcome = await asyncio.to_thread(context.services.chat.handle, incoming(update, f"/use {name}"))
-    text = outcome.text if isinstance(outcome, Answer) else f"⚠️ {getattr(outcome, 'reason', '')}"
-    await query.edit_message_text(text)
+    await query.edit_message_text(_outcome_text(outcome))
 
 
 async def confirm_reset(update: Update, context: BotContext) -> None:
@@ -397,7 +405,7 @@ async def confirm_reset(update: Update, context: BotContext) -> None:
         await query.edit_message_text("Nothing changed; carry on.")
         return
     outcome = await asyncio.to_thread(context.services.chat.handle, incoming(update, "/reset"))
-    await query.edit_message_text(outcome.text if isinstance(outcome, Answer) else f"⚠️ {getattr(outcome, 'reason', '')}")
+    await query.edit_message_text(_outcome_text(outcome))
 
 
 def _requester(session: Session, job_id: int) -> tuple[str | None, str]:

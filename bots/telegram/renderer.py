@@ -97,6 +97,7 @@ class TelegramRenderer:
     """Shows one job in one Telegram chat."""
 
     limit = TELEGRAM_LIMIT
+    caption_limit = 1024  # a reply this short becomes its scene picture's caption
     action_interval = 4.5  # Telegram shows a chat action for 5 s
 
     def __init__(self, bot: Bot, target: Target, *, edit_interval: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -27,6 +27,7 @@ __all__ = [
     "add_message",
     "recent_messages",
     "create_job",
+    "count_open_jobs",
     "open_jobs",
 ]
 
@@ -178,11 +179,15 @@ def create_job(
 USER_KINDS = (JobKind.CHAT, JobKind.IMAGE)  # what users ask for; summaries and training run on their behalf
 
 
+def _waiting_for(user_id: int) -> ColumnElement[bool]:
+    return (Job.user_id == user_id) & Job.kind.in_(USER_KINDS) & Job.state.not_in(list(TERMINAL_STATES))
+
+
+def count_open_jobs(session: Session, user_id: int) -> int:
+    """How many replies and pictures the user is waiting for."""
+    return int(session.scalar(select(func.count()).select_from(Job).where(_waiting_for(user_id))) or 0)
+
+
 def open_jobs(session: Session, user_id: int) -> Sequence[Job]:
     """A user's replies and pictures that are not finished, oldest first."""
-    query = (
-        select(Job)
-        .where(Job.user_id == user_id, Job.kind.in_(USER_KINDS), Job.state.not_in(list(TERMINAL_STATES)))
-        .order_by(Job.id)
-    )
-    return session.scalars(query).all()
+    return session.scalars(select(Job).where(_waiting_for(user_id)).order_by(Job.id)).all()

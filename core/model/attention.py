@@ -3,12 +3,16 @@
 Layout is batched ``[B, H, L, D]``. Causal attention with fewer queries than keys is aligned bottom-right
 (query i sees keys ``j <= Lk - Lq + i``), as flash-attn >= 2.1 does; image blocks and denoising queries are
 non-causal. Rows of different context lengths are left-padded, so ``key_mask`` only ever hides keys.
+Decoding's few-query path is a dozen small kernels per layer; :func:`compiled_attend` fuses it (GPU use).
 
 For non-causal attention GQA costs nothing: the ``G`` query heads that share a KV head are folded into the query
 length (``[B, Hkv, G*Lq, D]``), so K/V are never repeated and SDPA's flash / memory-efficient kernels apply.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +23,7 @@ try:  # decided once, at import (karpathy/nanochat flash_attention.py)
 except ImportError:  # CPU machines and GPUs without the package
     _flash_attn_func = None
 
-__all__ = ["HAS_FLASH_ATTN", "attend"]
+__all__ = ["HAS_FLASH_ATTN", "attend", "compiled_attend"]
 
 HAS_FLASH_ATTN = _flash_attn_func is not None
 
@@ -63,7 +67,10 @@ def _math(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
     return (scores.softmax(dim=-1) @ v.float()).to(v.dtype).reshape(B, H, L, D)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_mask: Tensor | None = None) -> Tensor:
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_mask: Tensor | None = None,
+    few_queries: Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor] = _math,
+) -> Tensor:
     """Scaled dot-product attention with GQA; ``key_mask`` ``[B, Lk]`` is True for keys a row may see."""
     # q: [B, H, Lq, D]; k, v: [B, Hk, Lk, D]
     if _flash_attn_func is not None and q.is_cuda and key_mask is None and q.dtype != torch.float32:
@@ -71,5 +78,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_mask: Tensor | 
     if causal and q.shape[2] > 1:
         return _causal(q, k, v, key_mask)
     if q.shape[2] == 1:
-        return _math(q, k, v, key_mask)
+        return few_queries(q, k, v, key_mask)
     return _folded(q, k, v, key_mask)
+
+
+def compiled_attend() -> Callable[..., Tensor]:
+    """:func:`attend` with the decoding path's casts, scale, mask and softmax fused by ``torch.compile``."""
+    return functools.partial(attend, few_queries=torch.compile(_math, dynamic=True))

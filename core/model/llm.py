@@ -10,6 +10,10 @@ Notable:
 - RMSNorm and RoPE run in float32 and cast back afterwards, the official order (MODEL.md 2.3, 11.4); on a bf16
   GPU model this matches the official code within bf16 tolerance, on an fp32 CPU model it is exact.
 - Position ids are given per token: text tokens count up, every token of an image block shares one id.
+- :meth:`Qwen2MoTModel.fuse_projections` (the runtime's default) stores each expert's Q/K/V weights, and the MLP's
+  gate/up weights, in one tensor whose slices ARE the checkpoint's Parameters (names, strict loading, LoRA unchanged):
+  one matrix product instead of three or two, and Q and K come out already packed for the fused norm + RoPE. A
+  layer whose projections carry an active LoRA update runs the plain products.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.model.attention import attend
+from core.model.attention import attend, compiled_attend
 from core.model.config import LLMConfig
 from core.model.kv_cache import CacheSpan, KVCache
 
@@ -51,6 +55,38 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+def _pointers(linears: list[nn.Module]) -> list[int]:
+    return [m.weight.data_ptr() for m in linears] + [m.bias.data_ptr() for m in linears if m.bias is not None]
+
+
+class _Fused:
+    """Several linears' weights (and biases) in one storage; each Linear's Parameters become slices of it."""
+
+    def __init__(self, linears: list[nn.Linear]) -> None:
+        with torch.no_grad():
+            self.weight = torch.cat([m.weight for m in linears])
+            self.bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+        offset = 0
+        for m in linears:
+            rows = slice(offset, offset + m.weight.shape[0])
+            m.weight = nn.Parameter(self.weight[rows], requires_grad=m.weight.requires_grad)
+            if self.bias is not None:
+                m.bias = nn.Parameter(self.bias[rows], requires_grad=m.bias.requires_grad)
+            offset = rows.stop
+        self._pointers = _pointers(linears)
+
+    def usable(self, linears: list[nn.Module]) -> bool:
+        """True while the modules still share this storage (no load re-assigned them) and carry no LoRA update."""
+        return all(getattr(m, "lora_A", None) is None for m in linears) and _pointers(linears) == self._pointers
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 class Qwen2MLP(nn.Module):
     """SiLU-gated MLP without biases."""
 
@@ -59,9 +95,14 @@ class Qwen2MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = silu_mul  # Qwen2MoTModel.compile_kernels() swaps in a fused version
+        self.gate_up: _Fused | None = None  # set by Qwen2MoTModel.fuse_projections()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None and self.gate_up.usable([self.gate_proj, self.up_proj]):
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate, up))
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 
 class Rope:
@@ -107,17 +148,25 @@ class MoTAttention(nn.Module):
             setattr(self, f"o_proj{sfx}", nn.Linear(q_dim, cfg.hidden_size, bias=False))
             setattr(self, f"q_norm{sfx}", RMSNorm(self.head_dim, cfg.rms_norm_eps))
             setattr(self, f"k_norm{sfx}", RMSNorm(self.head_dim, cfg.rms_norm_eps))
-        self.norm_rope = norm_rope  # Qwen2MoTModel.compile_kernels() swaps in a fused version
+        self.norm_rope, self.attend = norm_rope, attend  # Qwen2MoTModel.compile_kernels() swaps in fused versions
+        self.qkv: dict[str, _Fused] = {}  # per expert suffix, set by Qwen2MoTModel.fuse_projections()
 
-    def _qk(self, h: Tensor, sfx: str, rope: Rope) -> Tensor:
-        """One expert's Q and K after its norms and RoPE, packed as ``[B, L, H + Hk, D]``."""
+    def _project(self, h: Tensor, sfx: str, rope: Rope) -> tuple[Tensor, Tensor]:
+        """One expert's Q and K after its norms and RoPE, packed as ``[B, L, H + Hk, D]``, and its V ``[B, L, Hk*D]``."""
         B, L, _ = h.shape
-        q = getattr(self, f"q_proj{sfx}")(h).view(B, L, self.num_heads, self.head_dim)
-        k = getattr(self, f"k_proj{sfx}")(h).view(B, L, self.num_kv_heads, self.head_dim)
+        H, Hk, D = self.num_heads, self.num_kv_heads, self.head_dim
+        linears = [getattr(self, f"{n}_proj{sfx}") for n in "qkv"]
+        fused = self.qkv.get(sfx)
+        if fused is not None and fused.usable(linears):
+            qkv = fused(h).view(B, L, H + 2 * Hk, D)
+            qk, v = qkv[:, :, : H + Hk], qkv[:, :, H + Hk :].reshape(B, L, Hk * D)  # Q, K already side by side
+        else:
+            q, k, v = (m(h) for m in linears)
+            qk = torch.cat([q.view(B, L, H, D), k.view(B, L, Hk, D)], dim=2)
         q_norm, k_norm = getattr(self, f"q_norm{sfx}"), getattr(self, f"k_norm{sfx}")
         # one fused call for both: each head row gets its own norm's weight (same eps by construction)
-        weight = torch.cat([q_norm.weight.expand(self.num_heads, -1), k_norm.weight.expand(self.num_kv_heads, -1)])
-        return self.norm_rope(torch.cat([q, k], dim=2), weight, q_norm.eps, rope.cos, rope.sin)
+        weight = torch.cat([q_norm.weight.expand(H, -1), k_norm.weight.expand(Hk, -1)])
+        return self.norm_rope(qk, weight, q_norm.eps, rope.cos, rope.sin), v
 
     def forward(
         self, parts: list[Tensor], rope: Rope, cache: KVCache | None, layer: int, span: CacheSpan | None,
@@ -125,22 +174,21 @@ class MoTAttention(nn.Module):
     ) -> list[Tensor]:
         """Each part's attention output after its own ``o_proj``; ``parts`` are normed hidden states per expert."""
         # parts: [und [B, Lu, C], gen [B, Lg, C]?]; one sequence [und tokens, gen tokens] for the shared softmax
-        qk = [self._qk(h, sfx, rope) for h, sfx in zip(parts, EXPERTS)]
-        v = [getattr(self, f"v_proj{sfx}")(h) for h, sfx in zip(parts, EXPERTS)]
+        qk, v = zip(*(self._project(h, sfx, rope) for h, sfx in zip(parts, EXPERTS)))
         qk, v = (t[0] if len(parts) == 1 else torch.cat(t, dim=1) for t in (qk, v))
         B, L = qk.shape[:2]
         q, k = qk.transpose(1, 2).split([self.num_heads, self.num_kv_heads], dim=1)  # [B, heads, L, D]
         v = v.view(B, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if cache is None:
-            out = attend(q, k, v, causal=causal)
+            out = self.attend(q, k, v, causal=causal)
         else:
             k, v = cache.update(layer, span, k, v)
             if span.row_starts is None:
-                out = attend(q, k, v, causal=causal, key_mask=span.key_mask)
+                out = self.attend(q, k, v, causal=causal, key_mask=span.key_mask)
             else:  # left-padded rows: each attends to its own slice (batching buys nothing at this size)
                 own = [slice(s - span.start, None) for s in span.row_starts]
                 out = torch.cat([
-                    attend(q[b : b + 1], k[b : b + 1, :, keys], v[b : b + 1, :, keys], causal=causal)
+                    self.attend(q[b : b + 1], k[b : b + 1, :, keys], v[b : b + 1, :, keys], causal=causal)
                     for b, keys in enumerate(own)
                 ])
         outs = out.transpose(1, 2).split([h.shape[1] for h in parts], dim=1)  # [B, Li, H, D] views
@@ -183,16 +231,32 @@ class Qwen2MoTModel(nn.Module):
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def compile_kernels(self) -> None:
-        """Fuse the element-wise work (norms, Q/K norm + RoPE, gated MLP) with ``torch.compile``; GPU use."""
+        """Fuse the element-wise work (norms, Q/K norm + RoPE, gated MLP, decoding attention) with ``torch.compile``;
+        GPU use."""
         if getattr(self, "kernels_compiled", False):
             return
         self.kernels_compiled = True
-        fused = torch.compile(norm_rope, dynamic=True)
+        fused_norm_rope, fused_silu_mul = torch.compile(norm_rope, dynamic=True), torch.compile(silu_mul, dynamic=True)
+        fused_attend = compiled_attend()
         for module in self.modules():
             if isinstance(module, MoTAttention):
-                module.norm_rope = fused
-            elif isinstance(module, (RMSNorm, Qwen2MLP)):
+                module.norm_rope, module.attend = fused_norm_rope, fused_attend
+            elif isinstance(module, Qwen2MLP):
+                module.act = fused_silu_mul
+            elif isinstance(module, RMSNorm):
                 module.compile(dynamic=True)
+
+    def fuse_projections(self) -> None:
+        """Q/K/V and gate/up of each expert as one matrix product each; the Parameters become views (call after
+        loading: a later ``load_state_dict(assign=True)`` simply turns the fused path off for that layer)."""
+        for layer in self.layers:
+            attn = layer.self_attn
+            for sfx in EXPERTS:
+                if sfx not in attn.qkv:
+                    attn.qkv[sfx] = _Fused([getattr(attn, f"{n}_proj{sfx}") for n in "qkv"])
+            for mlp in (layer.mlp, layer.mlp_moe_gen):
+                if mlp.gate_up is None:
+                    mlp.gate_up = _Fused([mlp.gate_proj, mlp.up_proj])
 
     def forward_parts(
         self, parts: list[Tensor], positions: Tensor, *, cache: KVCache | None = None,

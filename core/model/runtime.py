@@ -6,14 +6,18 @@ Notable:
   experts) and/or a ViT block (und expert), each framed by the vision markers, non-causal, on one rope id.
 - Text decoding (core.model.decode) uses a persistent static KV cache and a step of fixed shapes, replayed from a
   CUDA graph on the GPU. The loop makes one host read per token, the stop check, which also feeds streaming.
+- ``fuse_projections`` (default: on) runs each expert's Q/K/V and gate/up as one matrix product each, over the
+  same memory as the checkpoint's Parameters; a layer with an active LoRA update runs the plain products.
 - ``compile_kernels`` (default: on CUDA) fuses the decoder's element-wise work with ``torch.compile``: on an H100
   it took a 1024x1024 image from 13.0 s to 10.6 s and cuts the ~50 small kernels per layer that bound decoding.
 - Image generation prefills each CFG context into its own cache row, left-padded so that every row's latent
   query sits at the same slice; a denoising step is one forward over all active rows. Outside the CFG interval
   (tested on the shifted t) only the conditional row runs. The schedule's host copy drives those decisions,
-  so the loop has no host sync at all; progress is reported from CUDA events as steps finish.
+  so a step needs no host sync inside it.
 - Randomness comes from one ``torch.Generator`` per request, seeded from the request.
-- Requests are serialised by a lock; adapters (core.model.lora) are kept in a small LRU.
+- Requests are serialised by one lock, but an image takes it per denoising step (with its adapter activated
+  for that step only) and lets the step finish before releasing it: a text reply for another user waits at
+  most one step, however long the image. Every device call happens under the lock. Adapters (core.model.lora) are kept in a small LRU.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,40 +121,13 @@ def _rope_span(block: _Block) -> int:
     return block.length if isinstance(block, _TextBlock) else 1
 
 
-class _StepReporter:
-    """Reports denoising steps as the device finishes them (CUDA events), so progress never blocks the loop."""
-
-    def __init__(self, callback: OnProgress | None, total: int, device: torch.device) -> None:
-        self.callback, self.total, self.device = callback, total, device
-        self.pending: deque[tuple[int, torch.cuda.Event]] = deque()
-
-    def enqueued(self, step: int) -> None:
-        if self.callback is None:
-            return
-        if self.device.type != "cuda":
-            self.callback(step, self.total)
-            return
-        event = torch.cuda.Event()
-        event.record()
-        self.pending.append((step, event))
-        self._report(wait=False)
-
-    def finish(self) -> None:
-        self._report(wait=True)
-
-    def _report(self, wait: bool) -> None:
-        while self.pending and (wait or self.pending[0][1].query()):
-            step, event = self.pending.popleft()
-            event.synchronize()
-            self.callback(step, self.total)
-
-
 class UniCharacterRuntime:
     """Loads a BAGEL folder (plus optional UniCharacter checkpoint) and serves text and images from it."""
 
     def __init__(
         self, model: Bagel, vae: AutoEncoder, tokenizer: BagelTokenizer, *,
         model_dir: Path | None = None, cuda_graphs: bool = True, compile_kernels: bool | None = None,
+        fuse_projections: bool = True,
     ) -> None:
         self.model, self.vae, self.tokenizer = model, vae, tokenizer
         self.cfg: BagelConfig = model.cfg
@@ -163,6 +141,8 @@ class UniCharacterRuntime:
             compile_kernels = self.device.type == "cuda"
         if compile_kernels:
             model.language_model.model.compile_kernels()
+        if fuse_projections:
+            model.language_model.model.fuse_projections()
 
     # --- construction -------------------------------------------------------------------------------------
 
@@ -327,6 +307,17 @@ class UniCharacterRuntime:
             self._adapters.popitem(last=False)
         return adapter
 
+    @contextmanager
+    def _turn(self, adapter: lora.Adapter | None) -> Iterator[None]:
+        """Exclusive use of the model, with ``adapter`` (or the base model) active, for one unit of work."""
+        with self._lock, lora.using_adapter(self.model, adapter):
+            yield
+
+    def _step_done(self) -> None:
+        """Wait until the work enqueued so far has run, so that the next holder of the lock queues behind nothing."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
     # --- text ---------------------------------------------------------------------------------------------
 
     def generate_text(
@@ -381,8 +372,10 @@ class UniCharacterRuntime:
     ) -> Image.Image:
         """Text-to-image (or editing) with the flow-matching Euler sampler and CFG (MODEL.md 5)."""
         self._check_image_params(params)
-        with self._lock, torch.inference_mode(), lora.using_adapter(self.model, self._adapter(adapter)):
-            return self._generate_image(contexts, params, on_progress)
+        with self._lock:
+            loaded = self._adapter(adapter)  # held by this request even if the LRU drops it meanwhile
+        with torch.inference_mode():
+            return self._generate_image(contexts, params, on_progress, loaded)
 
     def _check_image_params(self, params: ImageParams) -> None:
         most = self.cfg.max_latent_size * self.cfg.latent_downsample
@@ -407,7 +400,8 @@ class UniCharacterRuntime:
         return branches
 
     def _generate_image(
-        self, contexts: ImageContexts, params: ImageParams, on_progress: OnProgress | None
+        self, contexts: ImageContexts, params: ImageParams, on_progress: OnProgress | None,
+        adapter: lora.Adapter | None,
     ) -> Image.Image:
         gen = self._generator(params.seed)
         step = self.cfg.latent_downsample
@@ -416,32 +410,38 @@ class UniCharacterRuntime:
         grid_h, grid_w = height // step, width // step
         latents: dict[int, Tensor] = {}
         branches = self._branches(contexts, params)
-        plans = [self._blocks(ctx, gen, latents) for ctx in branches]
-        lengths = [sum(b.length for b in blocks) for blocks in plans]
-        P, Q = max(lengths), grid_h * grid_w + 2
-        cache = self._new_cache(rows=len(plans), capacity=P + Q)
-        ropes = [self._prefill(plans[0], cache, 0, P - lengths[0])]
-        for row in range(1, len(plans)):
-            start = P - lengths[row]
-            if list(branches[row]) == list(branches[0][: len(branches[row])]):
-                # a context that starts the conditional one (text-uncond usually does): its keys and values are
-                # the first positions of row 0, since text is causal and image blocks are whole
-                cache.fan_out(0, P - lengths[0], row, start, lengths[row])
-                ropes.append(sum(map(_rope_span, plans[row])))
-            else:
-                ropes.append(self._prefill(plans[row], cache, row, start))
-        x = self._denoise(cache, lengths, ropes, grid_h, grid_w, params, gen, on_progress)
-        z = unpatchify(x[0], grid_h, grid_w, self.cfg.latent_patch_size)  # [z, 2h, 2w]
-        image = to_pil_image(self.vae.decode(z[None])[0])
+        with self._turn(adapter):
+            plans = [self._blocks(ctx, gen, latents) for ctx in branches]
+            lengths = [sum(b.length for b in blocks) for blocks in plans]
+            P, Q = max(lengths), grid_h * grid_w + 2
+            cache = self._new_cache(rows=len(plans), capacity=P + Q)
+            ropes = [self._prefill(plans[0], cache, 0, P - lengths[0])]
+            for row in range(1, len(plans)):
+                start = P - lengths[row]
+                if list(branches[row]) == list(branches[0][: len(branches[row])]):
+                    # a context that starts the conditional one (text-uncond usually does): its keys and values
+                    # are the first positions of row 0, since text is causal and image blocks are whole
+                    cache.fan_out(0, P - lengths[0], row, start, lengths[row])
+                    ropes.append(sum(map(_rope_span, plans[row])))
+                else:
+                    ropes.append(self._prefill(plans[row], cache, row, start))
+            self._step_done()
+        x = self._denoise(cache, lengths, ropes, grid_h, grid_w, params, gen, on_progress, adapter)
+        with self._lock:  # every use of the device happens under the lock (a decode graph may be capturing)
+            z = unpatchify(x[0], grid_h, grid_w, self.cfg.latent_patch_size)  # [z, 2h, 2w]
+            image = to_pil_image(self.vae.decode(z[None])[0])
         if image.size != (params.width, params.height):
             image = image.resize((params.width, params.height), Image.Resampling.BICUBIC)
         return image
 
     def _denoise(
         self, cache: KVCache, lengths: list[int], ropes: list[int], grid_h: int, grid_w: int,
-        params: ImageParams, gen: torch.Generator, on_progress: OnProgress | None,
+        params: ImageParams, gen: torch.Generator, on_progress: OnProgress | None, adapter: lora.Adapter | None,
     ) -> Tensor:
-        """The Euler loop over the shifted schedule; returns the final latent tokens ``[1, N, p*p*z]`` (float32)."""
+        """The Euler loop over the shifted schedule; returns the final latent tokens ``[1, N, p*p*z]`` (float32).
+
+        Each step holds the model until it has run, then lets any waiting request go first.
+        """
         rows, P = len(lengths), max(lengths)
         Q = grid_h * grid_w + 2
         pos_ids = flattened_position_ids(grid_h, grid_w, LATENT_MAX_PATCHES_PER_SIDE).to(self.device)
@@ -458,24 +458,25 @@ class UniCharacterRuntime:
         }
         markers = torch.cat(self._markers(), dim=1)  # [1, 2, C]
         total = params.num_timesteps - 1
-        progress = _StepReporter(on_progress, total, self.device)
         for i in range(total):
             active = rows if guidance_active(ts_host[i], params.cfg_interval) else 1
-            lat = self.model.embed_latents(x, ts_dev[i : i + 1], pos_ids)  # [1, N, C]
-            # the query: the two markers (und expert) and the latents (gen expert), the same in every row
-            parts = [markers.expand(active, -1, -1), lat.expand(active, -1, -1)]
-            _, hidden = self.model.language_model.model.forward_parts(
-                parts, rope[:active], cache=cache, span=spans[active], causal=False
-            )
-            v = self.model.velocity(hidden)  # [active, N, p*p*z]
-            if active > 1:
-                v = cfg_combine(
-                    v[:1], v[1:2], v[2:3] if rows > 2 else v[:1], params.cfg_text_scale, params.cfg_img_scale,
-                    params.cfg_renorm_type, params.cfg_renorm_min,
+            with self._turn(adapter):
+                lat = self.model.embed_latents(x, ts_dev[i : i + 1], pos_ids)  # [1, N, C]
+                # the query: the two markers (und expert) and the latents (gen expert), the same in every row
+                parts = [markers.expand(active, -1, -1), lat.expand(active, -1, -1)]
+                _, hidden = self.model.language_model.model.forward_parts(
+                    parts, rope[:active], cache=cache, span=spans[active], causal=False
                 )
-            x = euler_step(x, v, ts_dev[i], ts_dev[i + 1])
-            progress.enqueued(i + 1)
-        progress.finish()
+                v = self.model.velocity(hidden)  # [active, N, p*p*z]
+                if active > 1:
+                    v = cfg_combine(
+                        v[:1], v[1:2], v[2:3] if rows > 2 else v[:1], params.cfg_text_scale, params.cfg_img_scale,
+                        params.cfg_renorm_type, params.cfg_renorm_min,
+                    )
+                x = euler_step(x, v, ts_dev[i], ts_dev[i + 1])
+                self._step_done()
+            if on_progress is not None:
+                on_progress(i + 1, total)
         return x
 
     # --- misc ---------------------------------------------------------------------------------------------

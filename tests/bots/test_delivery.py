@@ -68,6 +68,7 @@ class Chatroom:
     def __init__(self) -> None:
         self.messages: dict[str, str] = {}
         self.photos: list[str] = []
+        self.captions: list[str] = []
         self.deleted: list[str] = []
         self.actions: list[str] = []
         self.sends = 0
@@ -121,6 +122,7 @@ class FakeRenderer:
         Image.open(io.BytesIO(data)).verify()
         message_id = f"photo{len(self.room.photos) + 1}"
         self.room.photos.append(message_id)
+        self.room.captions.append(caption)
         return message_id
 
     async def delete(self, message_id: str) -> None:
@@ -395,3 +397,28 @@ def test_a_deleted_message_does_not_stop_the_reply(sessions, files) -> None:
 
     asyncio.run(main())
     assert list(room.messages.values()) == ["first part, second part, third part"]
+
+
+class CaptioningRenderer(FakeRenderer):
+    """A platform whose pictures carry captions of up to 40 units."""
+
+    caption_limit = 40
+
+
+@pytest.mark.parametrize("words", ["Here I am at the beach!", "A much longer reply, " * 5])
+def test_a_short_reply_becomes_the_caption_of_its_picture(sessions, files, words: str) -> None:
+    streams, room = Streams(), Chatroom()
+    target = make_job(sessions)
+    key = png(files)
+    streams.publish(target.job_id, TextDelta(words), ImageReady(key=key, width=32, height=32, seed=3), Done(1))
+
+    async def main() -> None:
+        await service(sessions, files, streams, CaptioningRenderer(room)).start(target)
+
+    asyncio.run(main())
+    assert len(room.photos) == 1
+    if len(words) <= 40:
+        assert room.captions == [words.strip()] and room.messages == {}
+    else:
+        assert room.captions == [""] and " ".join(room.messages.values()).split() == words.split()
+    assert job_row(sessions, target.job_id).delivered_at is not None

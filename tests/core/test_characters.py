@@ -20,7 +20,7 @@ from core.characters import (
     publish_character,
     retire_character,
 )
-from core.db.models import Base, Character
+from core.db.models import Character
 from core.db.session import make_engine
 from core.media import FileStore
 from tests.core.test_cards import png_with, text_chunks, v3_card, b64
@@ -96,13 +96,10 @@ def test_reference_images_are_validated_and_stored(sessionmaker, settings) -> No
 
 @pytest.fixture
 def cli_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The command's settings on a tmp data dir, schema created."""
+    """The command's settings on a fresh tmp data dir (the command migrates the empty store itself)."""
     monkeypatch.setenv("UNICHAR_DATA_DIR", str(tmp_path / "var"))
     monkeypatch.setenv("UNICHAR_DATABASE_URL", "")
     monkeypatch.chdir(tmp_path)
-    engine = make_engine(f"sqlite:///{(tmp_path / 'var' / 'unichar.db').as_posix()}")
-    Base.metadata.create_all(engine)
-    engine.dispose()
     return tmp_path
 
 

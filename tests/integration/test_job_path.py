@@ -191,3 +191,20 @@ def test_redis_flushed_while_queued_the_sweeper_resends(live, redis_url, deliver
     assert isinstance(events[-1], Done)
     job, replies = stored(live, outcome.job_id)
     assert job.state is JobState.DONE and len(replies) == 1 and lost == [outcome.job_id]
+
+
+def test_the_tiny_model_answers_through_the_worker(live, tiny_model_dir):
+    runtime = pytest.importorskip("core.model.runtime").UniCharacterRuntime.load(tiny_model_dir, device="cpu")
+    add_character(live.sessionmaker)
+    live.use_model(runtime)
+    settings = live.ctx.settings
+    live.ctx.settings = settings.model_copy(update={"max_reply_tokens": 16})
+    try:
+        outcome = live.service.handle(incoming("hello tiny model"))
+        events = events_of(live, outcome.job_id)
+    finally:
+        live.ctx.settings = settings
+    assert isinstance(events[-1], Done), events[-1]
+    job, [reply] = stored(live, outcome.job_id)
+    assert job.state is JobState.DONE and reply.id == events[-1].message_id
+    assert reply.text == "".join(e.text for e in events if isinstance(e, TextDelta)).strip()

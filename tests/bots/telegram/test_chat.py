@@ -182,15 +182,20 @@ def test_group_answers_only_mentions_replies_and_the_trigger_word(tg: Live) -> N
     async def body() -> None:
         async with fake_api() as fake, running_bot(tg, fake, telegram_trigger_word="Ichi"):
             await fake.send(GROUP, ANN, "just people talking")
+            await fake.send(GROUP, ANN, photo=png(), caption="look at my cat")
+            await fake.send(GROUP, ANN, sticker=True)
+            await fake.send(GROUP, ANN, "/newcharacter")
+            await fake.wait_for(lambda: any("private chat" in t for t in reply_texts(fake, GROUP)))
             await fake.send(GROUP, BOB, f"@{BOT_USERNAME} hi there")
             await fake.wait_for(delivered(tg, 1))
-            first = fake.bot_messages(GROUP)[0]
+            first = fake.bot_messages(GROUP)[1]
             assert first.text == "echo: hi there"
             await fake.send(GROUP, ANN, "and you?", reply_to=first.message_id)
             await fake.wait_for(delivered(tg, 2))
             await fake.send(GROUP, ANN, "hey ichi, play with us")
             await fake.wait_for(delivered(tg, 3))
-            assert reply_texts(fake, GROUP) == ["echo: hi there", "echo: and you?", "echo: hey ichi, play with us"]
+            assert reply_texts(fake, GROUP)[1:] == ["echo: hi there", "echo: and you?", "echo: hey ichi, play with us"]
+            assert len(jobs(tg)) == 3  # the chatter, the cat picture and the sticker were not for the bot
 
     run(body)
 
