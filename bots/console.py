@@ -107,6 +107,10 @@ class ConsoleFrontend:
 
     def _progress(self, event: Progress) -> None:
         """Queue position when it changes; a stage's percent and ETA at most every 10 % (and at 100 %)."""
+        if event.stage == "retry":  # the text so far is void: the reply starts over
+            self._status("[a worker stopped mid-reply; it starts over]")
+            self._shown = self._stage_start = None
+            return
         if event.stage == "queued" and event.position is not None:
             shown: tuple[str, int] = ("queued", event.position)
             text = f"[{max(event.position - 1, 0)} ahead of you in the queue]"

@@ -141,3 +141,18 @@ def test_database_and_redis_passwords_are_masked_too(capsys: pytest.CaptureFixtu
     logging.getLogger("unichar.test").warning("cannot reach %s or %s", settings.database_url, settings.redis_url)
     err = capsys.readouterr().err
     assert "pg-secret" not in err and "r-secret" not in err and "app:***@db" in err
+
+
+def test_run_without_redis_and_private_redis_off_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("UNICHAR_REDIS_URL", f"redis://:hunter2@127.0.0.1:{probe.getsockname()[1]}/0")
+    monkeypatch.setenv("UNICHAR_PRIVATE_REDIS", "false")
+    assert cli.main(["run"]) == 2
+    err = capsys.readouterr().err
+    assert "Redis does not answer at UNICHAR_REDIS_URL and UNICHAR_PRIVATE_REDIS is off" in err
+    assert "hunter2" not in err

@@ -103,3 +103,14 @@ def test_docker_compose_accepts_the_file() -> None:
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_dockerfile_builds_cpu_by_default_and_gpu_on_request() -> None:
+    """The last stage (docker build's default) is the CPU image; `--target gpu` adds the gpu extra; torch pinned."""
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    stages = re.findall(r"^FROM \S+ AS (\w+)$", text, re.M)
+    assert stages[-1] == "cpu" and "gpu" in stages
+    gpu = text.split("AS gpu", 1)[1].split("AS cpu", 1)[0]
+    assert "'.[gpu]'" in gpu
+    assert re.findall(r"torch==[\d.]+", text) == ["torch==2.13.0", "torch==2.13.0"]
+    assert "USER unichar" in text  # not root at run time

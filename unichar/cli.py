@@ -106,9 +106,12 @@ def _positive(text: str) -> int:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     """The main job: stores, model, Redis, workers, sweeper and frontends."""
-    from unichar.run import run_main
+    from unichar.run import StartError, run_main
 
-    return run_main(settings)
+    try:
+        return run_main(settings)
+    except StartError as error:
+        raise CliError(str(error)) from None
 
 
 def _chat(args: argparse.Namespace, settings: Settings) -> int:

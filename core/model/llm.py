@@ -50,9 +50,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm(x: Tensor, a: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The residual sum and its RMSNorm, one kernel when compiled (the attention residual + the MLP's pre-norm)."""
+    h = x + a
+    return h, rms_norm(h, weight, eps)
 
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
@@ -80,7 +90,10 @@ class _Fused:
         self._pointers = _pointers(linears)
 
     def usable(self, linears: list[nn.Module]) -> bool:
-        """True while the modules still share this storage (no load re-assigned them) and carry no LoRA update."""
+        """True while the modules still share this storage (no load re-assigned them), carry no LoRA update and
+        need no gradient (the fused tensor is not a Parameter)."""
+        if torch.is_grad_enabled() and any(m.weight.requires_grad for m in linears):
+            return False
         return all(getattr(m, "lora_A", None) is None for m in linears) and _pointers(linears) == self._pointers
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -124,6 +137,14 @@ def norm_rope(x: Tensor, weight: Tensor, eps: float, cos: Tensor, sin: Tensor) -
     return (h * cos + torch.cat([-h2, h1], dim=-1) * sin).to(x.dtype)
 
 
+def qk_norm_rope(
+    qk: Tensor, q_weight: Tensor, k_weight: Tensor, q_heads: int, eps: float, cos: Tensor, sin: Tensor
+) -> Tensor:
+    """:func:`norm_rope` of Q and K packed as ``[B, L, H + Hk, D]``, each head row with its own norm's weight."""
+    weight = torch.cat([q_weight.expand(q_heads, -1), k_weight.expand(qk.shape[2] - q_heads, -1)])
+    return norm_rope(qk, weight, eps, cos, sin)
+
+
 def _split(x: Tensor) -> list[Tensor]:
     """Mixed layout ``[marker, latents, marker]`` -> [the two markers, the latents] (each contiguous)."""
     return [torch.cat([x[:, :1], x[:, -1:]], dim=1), x[:, 1:-1].contiguous()]
@@ -148,7 +169,7 @@ class MoTAttention(nn.Module):
             setattr(self, f"o_proj{sfx}", nn.Linear(q_dim, cfg.hidden_size, bias=False))
             setattr(self, f"q_norm{sfx}", RMSNorm(self.head_dim, cfg.rms_norm_eps))
             setattr(self, f"k_norm{sfx}", RMSNorm(self.head_dim, cfg.rms_norm_eps))
-        self.norm_rope, self.attend = norm_rope, attend  # Qwen2MoTModel.compile_kernels() swaps in fused versions
+        self.norm_rope, self.attend = qk_norm_rope, attend  # Qwen2MoTModel.compile_kernels() swaps in fused versions
         self.qkv: dict[str, _Fused] = {}  # per expert suffix, set by Qwen2MoTModel.fuse_projections()
 
     def _project(self, h: Tensor, sfx: str, rope: Rope) -> tuple[Tensor, Tensor]:
@@ -164,9 +185,8 @@ class MoTAttention(nn.Module):
             q, k, v = (m(h) for m in linears)
             qk = torch.cat([q.view(B, L, H, D), k.view(B, L, Hk, D)], dim=2)
         q_norm, k_norm = getattr(self, f"q_norm{sfx}"), getattr(self, f"k_norm{sfx}")
-        # one fused call for both: each head row gets its own norm's weight (same eps by construction)
-        weight = torch.cat([q_norm.weight.expand(H, -1), k_norm.weight.expand(Hk, -1)])
-        return self.norm_rope(qk, weight, q_norm.eps, rope.cos, rope.sin), v
+        # one fused call for both (same eps by construction)
+        return self.norm_rope(qk, q_norm.weight, k_norm.weight, H, q_norm.eps, rope.cos, rope.sin), v
 
     def forward(
         self, parts: list[Tensor], rope: Rope, cache: KVCache | None, layer: int, span: CacheSpan | None,
@@ -205,6 +225,7 @@ class MoTDecoderLayer(nn.Module):
         for sfx in EXPERTS:
             setattr(self, f"input_layernorm{sfx}", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
             setattr(self, f"post_attention_layernorm{sfx}", RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+        self.add_norm = add_rms_norm  # Qwen2MoTModel.compile_kernels() swaps in a fused version
 
     def forward(
         self, parts: list[Tensor], rope: Rope, cache: KVCache | None, layer: int, span: CacheSpan | None,
@@ -212,11 +233,12 @@ class MoTDecoderLayer(nn.Module):
     ) -> list[Tensor]:
         """``parts``: the understanding tokens, then (mixed blocks) the generation tokens, as separate streams."""
         normed = [getattr(self, f"input_layernorm{sfx}")(x) for x, sfx in zip(parts, EXPERTS)]
-        parts = [x + a for x, a in zip(parts, self.self_attn(normed, rope, cache, layer, span, causal))]
-        return [
-            x + getattr(self, f"mlp{sfx}")(getattr(self, f"post_attention_layernorm{sfx}")(x))
-            for x, sfx in zip(parts, EXPERTS)
-        ]
+        out = []
+        for x, a, sfx in zip(parts, self.self_attn(normed, rope, cache, layer, span, causal), EXPERTS):
+            norm = getattr(self, f"post_attention_layernorm{sfx}")
+            h, hn = self.add_norm(x, a, norm.weight, norm.eps)
+            out.append(h + getattr(self, f"mlp{sfx}")(hn))
+        return out
 
 
 class Qwen2MoTModel(nn.Module):
@@ -231,15 +253,17 @@ class Qwen2MoTModel(nn.Module):
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def compile_kernels(self) -> None:
-        """Fuse the element-wise work (norms, Q/K norm + RoPE, gated MLP, decoding attention) with ``torch.compile``;
-        GPU use."""
+        """Fuse the element-wise work (norms, residual + norm, Q/K norm + RoPE, gated MLP, decoding attention) with
+        ``torch.compile``; GPU use."""
         if getattr(self, "kernels_compiled", False):
             return
         self.kernels_compiled = True
-        fused_norm_rope, fused_silu_mul = torch.compile(norm_rope, dynamic=True), torch.compile(silu_mul, dynamic=True)
-        fused_attend = compiled_attend()
+        fused_norm_rope, fused_silu_mul = (torch.compile(f, dynamic=True) for f in (qk_norm_rope, silu_mul))
+        fused_add_norm, fused_attend = torch.compile(add_rms_norm, dynamic=True), compiled_attend()
         for module in self.modules():
-            if isinstance(module, MoTAttention):
+            if isinstance(module, MoTDecoderLayer):
+                module.add_norm = fused_add_norm
+            elif isinstance(module, MoTAttention):
                 module.norm_rope, module.attend = fused_norm_rope, fused_attend
             elif isinstance(module, Qwen2MLP):
                 module.act = fused_silu_mul

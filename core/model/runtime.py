@@ -15,7 +15,7 @@ Notable:
   (tested on the shifted t) only the conditional row runs. The schedule's host copy drives those decisions,
   so a step needs no host sync inside it.
 - Randomness comes from one ``torch.Generator`` per request, seeded from the request.
-- Requests are serialised by one lock, but an image takes it per denoising step (with its adapter activated
+- Requests are serialised by one first-come, first-served lock, but an image takes it per denoising step (with its adapter activated
   for that step only) and lets the step finish before releasing it: a text reply for another user waits at
   most one step, however long the image. Every device call happens under the lock. Adapters (core.model.lora) are kept in a small LRU.
 """
@@ -66,7 +66,7 @@ from core.model.transforms import (
 )
 from core.model.vae import AutoEncoder, AutoEncoderParams, to_pil_image
 
-__all__ = ["UniCharacterRuntime", "resolve_device", "resolve_dtype"]
+__all__ = ["TurnLock", "UniCharacterRuntime", "resolve_device", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,30 @@ def _rope_span(block: _Block) -> int:
     return block.length if isinstance(block, _TextBlock) else 1
 
 
+class TurnLock:
+    """A first-come, first-served lock: an image that asks again after every step queues behind the text requests
+    that arrived meanwhile (a plain Lock lets the releasing thread win again and starve them)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = self._serving = 0
+
+    @property
+    def queued(self) -> int:
+        """Requests holding or waiting for the lock."""
+        return self._next - self._serving
+
+    def __enter__(self) -> None:
+        with self._cond:
+            ticket, self._next = self._next, self._next + 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+
 class UniCharacterRuntime:
     """Loads a BAGEL folder (plus optional UniCharacter checkpoint) and serves text and images from it."""
 
@@ -133,7 +157,7 @@ class UniCharacterRuntime:
         self.cfg: BagelConfig = model.cfg
         self.device, self.dtype = model.vae2llm.weight.device, model.dtype
         self.model_dir = model_dir
-        self._lock = threading.Lock()
+        self._lock = TurnLock()
         self._adapters: OrderedDict[str, lora.Adapter] = OrderedDict()
         self._lora_attached = False
         self._decoder = TextDecoder(model, cuda_graphs=cuda_graphs)
@@ -444,19 +468,20 @@ class UniCharacterRuntime:
         """
         rows, P = len(lengths), max(lengths)
         Q = grid_h * grid_w + 2
-        pos_ids = flattened_position_ids(grid_h, grid_w, LATENT_MAX_PATCHES_PER_SIDE).to(self.device)
-        x = torch.randn(1, grid_h * grid_w, self.cfg.patch_latent_dim, generator=gen, device=self.device)
-        ts = timestep_schedule(params.num_timesteps, params.timestep_shift)
-        ts_host, ts_dev = ts.tolist(), ts.to(self.device)  # host copy for decisions, device copy for arithmetic
-        rope = torch.tensor(ropes, device=self.device)[:, None]  # [rows, 1]: each branch's own rope id
-        # left padding: row r's keys start at P - lengths[r]
-        starts = tuple(P - n for n in lengths)
-        spans = {
-            1: CacheSpan(rows=slice(0, 1), start=starts[0], write=P, end=P + Q),
-            rows: CacheSpan(rows=slice(0, rows), start=min(starts), write=P, end=P + Q,
-                            row_starts=starts if len(set(starts)) > 1 else None),
-        }
-        markers = torch.cat(self._markers(), dim=1)  # [1, 2, C]
+        with self._lock:
+            pos_ids = flattened_position_ids(grid_h, grid_w, LATENT_MAX_PATCHES_PER_SIDE).to(self.device)
+            x = torch.randn(1, grid_h * grid_w, self.cfg.patch_latent_dim, generator=gen, device=self.device)
+            ts = timestep_schedule(params.num_timesteps, params.timestep_shift)
+            ts_host, ts_dev = ts.tolist(), ts.to(self.device)  # host copy for decisions, device copy for arithmetic
+            rope = torch.tensor(ropes, device=self.device)[:, None]  # [rows, 1]: each branch's own rope id
+            # left padding: row r's keys start at P - lengths[r]
+            starts = tuple(P - n for n in lengths)
+            spans = {
+                1: CacheSpan(rows=slice(0, 1), start=starts[0], write=P, end=P + Q),
+                rows: CacheSpan(rows=slice(0, rows), start=min(starts), write=P, end=P + Q,
+                                row_starts=starts if len(set(starts)) > 1 else None),
+            }
+            markers = torch.cat(self._markers(), dim=1)  # [1, 2, C]
         total = params.num_timesteps - 1
         for i in range(total):
             active = rows if guidance_active(ts_host[i], params.cfg_interval) else 1

@@ -109,6 +109,14 @@ def test_queue_position_is_shown(console: ConsoleFrontend) -> None:
     assert out.index("[3 ahead of you in the queue]") < out.index("[2 ahead") < out.index("[0 ahead") < out.index("hi")
 
 
+def test_a_retried_reply_is_marked_as_starting_over(console: ConsoleFrontend) -> None:
+    job_id = 987_655
+    for event in (TextDelta("half a rep"), Progress(stage="retry", step=2), TextDelta("whole reply"), Done(1)):
+        publish(console.redis, job_id, event)
+    console.follow(JobQueued(job_id, JobKind.CHAT, position=1, character="Alice"))
+    assert _output(console) == "Alice: half a rep\n[a worker stopped mid-reply; it starts over]\nwhole reply\n"
+
+
 def test_end_of_input_ends_the_loop(console: ConsoleFrontend) -> None:
     assert console.run(io.StringIO("")) == 0
 
