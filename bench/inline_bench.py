@@ -10,7 +10,7 @@ and with the other users running), the image's time, the other users' tokens/s w
 worst gap between two tokens of one reply, and their worst wait for a reply's first token.
 Prints a table last and writes JSON. ``--tiny`` runs the same code on the tiny config on the CPU (a smoke test).
 
-Usage: python -m bench.inline_bench [--out FILE] [--other-pause S] [--tiny]
+Usage: python -m bench.inline_bench [--out FILE] [--other-pause S [S ...]] [--tiny]
 """
 
 from __future__ import annotations
@@ -65,6 +65,9 @@ class Stream:
     asked: float
     pieces: list[float] = dataclasses.field(default_factory=list)
 
+    def piece(self, _text: str) -> None:
+        self.pieces.append(time.perf_counter())
+
 
 class OtherUsers(threading.Thread):
     """Streams replies for other users, one after another with a pause, until stopped."""
@@ -81,34 +84,37 @@ class OtherUsers(threading.Thread):
             stream = Stream(asked=time.perf_counter())
             self.streams.append(stream)
             params = TextParams(max_new_tokens=OTHER_NEW, temperature=0.0, seed=seed)
-            self.rt.generate_text([TextSegment(self.prompt)], params, on_text=lambda _: stream.pieces.append(
-                time.perf_counter()))
+            self.rt.generate_text([TextSegment(self.prompt)], params, on_text=stream.piece)
             seed += 1
             self.stop.wait(self.pause)
 
     def during(self, start: float, end: float) -> dict[str, Any]:
-        """Tokens/s, worst gap inside a reply, and worst wait for a first token, within ``[start, end]``."""
+        """Tokens/s, worst gap inside a reply, and worst wait for a first token, within ``[start, end]``.
+
+        A reply still waiting at ``end`` counts its wait up to ``end``, so starved requests are not left out.
+        """
         pieces = [t for s in self.streams for t in s.pieces if start <= t <= end]
         gaps = [b - a for s in self.streams for a, b in zip(s.pieces, s.pieces[1:]) if start <= b <= end]
-        firsts = [s.pieces[0] - s.asked for s in self.streams if s.pieces and start <= s.pieces[0] <= end]
-        return {"replies_started": sum(start <= s.asked <= end for s in self.streams), "pieces": len(pieces),
+        waits = [(s.pieces[0] if s.pieces else end) - s.asked for s in self.streams
+                 if s.asked <= end and (not s.pieces or s.pieces[0] >= start)]
+        return {"replies_asked": sum(start <= s.asked <= end for s in self.streams), "pieces": len(pieces),
                 "tokens_per_s": len(pieces) / (end - start), "worst_gap_s": max(gaps, default=None),
-                "worst_first_token_wait_s": max(firsts, default=None)}
+                "worst_first_token_wait_s": max(waits, default=None)}
 
 
 def user_turn(rt: UniCharacterRuntime, prompt: str, scene: str, image: ImageParams) -> dict[str, Any]:
     """One user's message: the reply streams (first token timed), then the scene image; seconds from the message."""
     t0 = time.perf_counter()
-    first: list[float] = []
-    reply = rt.generate_text([TextSegment(prompt)], TextParams(max_new_tokens=USER_NEW, temperature=0.0, seed=1),
-                             on_text=lambda _: first or first.append(time.perf_counter()))
+    pieces: list[float] = []
+    rt.generate_text([TextSegment(prompt)], TextParams(max_new_tokens=USER_NEW, temperature=0.0, seed=1),
+                     on_text=lambda _: pieces.append(time.perf_counter()))
     text_done = time.perf_counter()
     image_start = time.perf_counter()
     rt.generate_image(ImageContexts(cond=[TextSegment(scene)], text_uncond=[]), image)
     _sync(rt)
     end = time.perf_counter()
-    return {"first_token_s": first[0] - t0 if first else None, "reply_s": text_done - t0,
-            "reply_tokens": rt.count_tokens(reply) - 2, "image_s": end - image_start, "to_image_s": end - t0,
+    return {"first_token_s": pieces[0] - t0 if pieces else None, "reply_s": text_done - t0,
+            "reply_pieces": len(pieces), "image_s": end - image_start, "to_image_s": end - t0,
             "image_window": (image_start, end)}
 
 
@@ -118,31 +124,37 @@ def _sync(rt: UniCharacterRuntime) -> None:
 
 
 def table(results: dict[str, Any]) -> str:
-    alone, busy, others = results["alone"], results["with_other_users"], results["other_users_during_image"]
+    alone = results["alone"]
 
-    def s(value: float | None, unit: str = "s") -> str:
-        return "-" if value is None else f"{value:.3f} {unit}"
+    def s(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f} s"
 
     rows = [
         ("card", results["card"]),
         ("user prompt tokens", str(results["user_prompt_tokens"])),
         ("first text token, GPU otherwise idle", s(alone["first_token_s"])),
-        ("first text token, other users streaming", s(busy["first_token_s"])),
-        ("image after the reply, idle / busy", f"{s(alone['image_s'])} / {s(busy['image_s'])}"),
-        ("message to image, idle / busy", f"{s(alone['to_image_s'])} / {s(busy['to_image_s'])}"),
-        ("other users during the image", f"{others['tokens_per_s']:.1f} tokens/s, "
-                                         f"{others['replies_started']} replies started"),
-        ("  worst gap inside a reply", s(others["worst_gap_s"])),
-        ("  worst wait for a first token", s(others["worst_first_token_wait_s"])),
+        ("image after the reply / message to image, idle", f"{s(alone['image_s'])} / {s(alone['to_image_s'])}"),
     ]
+    for pause, busy in results["with_other_users"].items():
+        others = busy["other_users_during_image"]
+        rows += [
+            (f"other users, {pause} s between replies:", ""),
+            ("  first text token", s(busy["first_token_s"])),
+            ("  image after the reply / message to image", f"{s(busy['image_s'])} / {s(busy['to_image_s'])}"),
+            ("  their tokens/s during the image",
+             f"{others['tokens_per_s']:.1f} ({others['replies_asked']} replies asked)"),
+            ("  their worst gap inside a reply", s(others["worst_gap_s"])),
+            ("  their worst wait for a first token", s(others["worst_first_token_wait_s"])),
+        ]
     width = max(len(r[0]) for r in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}".rstrip() for k, v in rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("inline_bench.json"))
-    parser.add_argument("--other-pause", type=float, default=0.5, help="seconds between another user's replies")
+    parser.add_argument("--other-pause", type=float, nargs="+", default=[0.5, 2.0],
+                        help="seconds between the other users' replies (one measured turn per value)")
     parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU, 64x64, 4 steps: a smoke test")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -162,15 +174,19 @@ def main() -> None:
 
     results["alone"] = {k: v for k, v in user_turn(rt, prompt, scene, image).items() if k != "image_window"}
     logger.info("alone: %s", results["alone"])
-    others = OtherUsers(rt, other, args.other_pause)
-    others.start()
-    time.sleep(0.2 if not args.tiny else 0.0)  # let the other users' first reply get going
-    busy = user_turn(rt, prompt, scene, image)
-    others.stop.set()
-    others.join()
-    results["other_users_during_image"] = others.during(*busy.pop("image_window"))
-    results["with_other_users"] = busy
     args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")
+    results["with_other_users"] = {}
+    for pause in args.other_pause:
+        others = OtherUsers(rt, other, pause)
+        others.start()
+        time.sleep(0.2 if not args.tiny else 0.0)  # let the other users' first reply get going
+        busy = user_turn(rt, prompt, scene, image)
+        others.stop.set()
+        others.join()
+        busy["other_users_during_image"] = others.during(*busy.pop("image_window"))
+        results["with_other_users"][str(pause)] = busy
+        logger.info("other users every %s s: %s", pause, busy)
+        args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")  # partial results survive a timeout
     print(table(results))
 
 

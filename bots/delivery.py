@@ -7,6 +7,11 @@ error. Every platform message id is written to ``Job.delivery`` as soon as the m
 ``Job.delivered_at`` once the last one is final, so a restarted bot resumes unfinished deliveries by editing the
 messages it already posted, and never posts a delivered reply twice. When the event stream is quiet the job row
 is read instead: it gives the queue position, and the stored reply if the stream has expired.
+
+A reply's scene picture is a job of its own (``ImageFollows`` on the reply's stream): the reply's delivery follows
+it into the same place, with a progress line while it renders, the picture (its buttons drawn for the picture's
+job) captioned with the reply when the platform can, and the picture job recorded as delivered with the reply.
+A refused or failed picture is a line after the reply, which stays as it is.
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from core.jobs import (
     TERMINAL_STATES,
     Done,
     Failed,
+    ImageFollows,
     ImageReady,
+    ImageRefused,
     JobEvent,
     JobKind,
     JobState,
@@ -126,7 +133,7 @@ class Deliveries:
         self._sessions = sessions
         self.follow = follow
         self._files = files
-        self._renderer_for = renderer_for
+        self.renderer_for = renderer_for
         self.platform = platform
         self._horizon = dt.timedelta(seconds=horizon_s)
         self._running: dict[int, asyncio.Task[None]] = {}
@@ -168,7 +175,7 @@ class Deliveries:
         state = await asyncio.to_thread(self._claim, target)
         if state is None:
             return
-        run = _Run(self, target, self._renderer_for(target), state)
+        run = _Run(self, target, self.renderer_for(target), state)
         try:
             await run.run(initial)
         except RecipientGone:
@@ -190,6 +197,10 @@ class Deliveries:
             state.setdefault("target", {"chat_id": target.chat_id, "reply_to": target.reply_to, "user_id": target.user_id})
             job.delivery = state
             return state
+
+    def adopt(self, picture_id: int, parent_id: int) -> None:
+        """A reply's picture is delivered with the reply: never on its own, not even after a restart."""
+        self.save(picture_id, {"parent": parent_id})
 
     def save(self, job_id: int, state: dict[str, Any], *, delivered: bool = False) -> None:
         """Write the delivery state (a fresh dict, so that the JSON column sees the change)."""
@@ -245,6 +256,8 @@ class Deliveries:
             ).all()
         targets = []
         for job, chat_id, reply_to, user_id in rows:
+            if (job.delivery or {}).get("parent"):
+                continue  # a reply's picture: its reply's delivery shows it
             recorded = (job.delivery or {}).get("target") or {}
             targets.append(
                 Target(
@@ -272,7 +285,8 @@ class _Run:
 
     ``state`` (the ``Job.delivery`` JSON): ``messages`` are the text messages in order, the last one live;
     ``offset``/``carry`` say where the live message's text starts in the reply (see ``render.take_chunk``);
-    ``status`` is the progress message of an image job; ``images`` the image keys already posted.
+    ``status`` is the progress message of an image job; ``images`` the image keys already posted; ``picture`` the
+    job id of the reply's scene picture, ``refused`` why it may not be made.
     """
 
     def __init__(self, owner: Deliveries, target: Target, renderer: Renderer, state: dict[str, Any]) -> None:
@@ -284,6 +298,8 @@ class _Run:
         self.action: Action | None = "upload_photo" if target.kind is JobKind.IMAGE else "typing"
         self.pacer: EditPacer | None = None
         self.status_pacer: EditPacer | None = None
+        self.drawing = target.kind is JobKind.IMAGE  # progress renders as a picture's status line
+        self._picture_renderer: Renderer | None = None
 
     async def run(self, initial: Progress | None = None) -> None:
         keepalive = asyncio.create_task(self._keep_action())
@@ -297,16 +313,23 @@ class _Run:
                 await keepalive
 
     async def _consume(self) -> None:
+        await self._follow(self.target.job_id)
+        picture = self.state.get("picture")
+        if picture is not None and not self.state.get("delivered"):  # the reply is shown; its picture follows
+            self.drawing = True
+            await self._follow(int(picture))
+
+    async def _follow(self, job_id: int) -> None:
         last_id = "0"  # always replay: the stream holds the whole reply, the state says what is shown already
         while True:
             try:
-                async for entry_id, event in self.owner.follow(self.target.job_id, last_id):
+                async for entry_id, event in self.owner.follow(job_id, last_id):
                     last_id = entry_id
                     if await self._on_event(event):
                         return
             except TimeoutError:
                 pass  # quiet stream: the job row says whether it waits, runs, or ended with its stream gone
-            snapshot = await asyncio.to_thread(self.owner.snapshot, self.target.job_id)
+            snapshot = await asyncio.to_thread(self.owner.snapshot, job_id)
             if snapshot.state in TERMINAL_STATES:
                 await self._from_row(snapshot)
                 return
@@ -322,6 +345,13 @@ class _Run:
             await self._show_progress(event)
         elif isinstance(event, ImageReady):
             await self._show_image(event.key)
+        elif isinstance(event, ImageFollows):
+            if self.state.get("picture") != event.job_id:
+                await asyncio.to_thread(self.owner.adopt, event.job_id, self.target.job_id)
+                self.state["picture"] = event.job_id
+                await self._save()
+        elif isinstance(event, ImageRefused):
+            self.state.setdefault("refused", event.reason)
         elif isinstance(event, Done):
             await self._finish()
             return True
@@ -333,7 +363,8 @@ class _Run:
     async def _from_row(self, snapshot: _Snapshot) -> None:
         """Finish from the stored result when the event stream is gone (expired, or the bot was down long)."""
         if snapshot.state is JobState.DONE:
-            self.text = strip_control(snapshot.text)
+            if not (self.drawing and self.target.kind is JobKind.CHAT):  # a reply's picture keeps the reply's text
+                self.text = strip_control(snapshot.text)
             for key in snapshot.image_keys:
                 await self._show_image(key)
             await self._finish()
@@ -397,7 +428,7 @@ class _Run:
     # --- status, images, the end --------------------------------------------------------------------------
 
     async def _show_progress(self, progress: Progress) -> None:
-        if self.target.kind is JobKind.CHAT:
+        if not self.drawing:
             # A reply only says where it stands while it waits behind others; typing shows the rest.
             waiting = progress.stage == "queued" and (progress.position or 0) > 1
             if not self.text and (self.state.get("placeholder") or (waiting and not self.state["messages"])):
@@ -408,6 +439,8 @@ class _Run:
             return  # replayed after a restart: the picture is already there
         line = progress_text(progress)
         status = self.state.get("status")
+        if status is None and self.target.kind is JobKind.CHAT:
+            self.state["live_done"] = True  # the reply is final: the status line is a message of its own
         if status is None:
             status = await self._retrying(self.renderer.send_text, line)
             self.state["status"] = status
@@ -426,7 +459,7 @@ class _Run:
             caption = self._caption()
         data = await asyncio.to_thread(self.owner.read_image, key)
         self.action = "upload_photo"
-        photo_id = await self._retrying(self.renderer.send_image, data, caption)
+        photo_id = await self._retrying(self._image_renderer().send_image, data, caption)
         self.state["images"] = [*self.state["images"], key]
         self.state["photos"] = [*self.state["photos"], photo_id]
         if caption:  # the photo now carries the words: the streamed message goes, and no text follows
@@ -438,6 +471,16 @@ class _Run:
                 await self.renderer.delete(text_id)
         await self._save()
         await self._clear_status()
+
+    def _image_renderer(self) -> Renderer:
+        """A reply's picture is posted by a renderer for the picture's job, so that its buttons act on that job."""
+        picture = self.state.get("picture")
+        if picture is None or self.target.kind is not JobKind.CHAT:
+            return self.renderer
+        if self._picture_renderer is None:
+            target = Target(int(picture), JobKind.IMAGE, self.target.chat_id, self.target.reply_to, self.target.user_id)
+            self._picture_renderer = self.owner.renderer_for(target)
+        return self._picture_renderer
 
     def _caption(self) -> str:
         """The whole reply, when the platform can show it as the picture's caption (one short message so far)."""
@@ -458,11 +501,23 @@ class _Run:
 
     async def _finish(self) -> None:
         self.action = None
-        if self.target.kind is JobKind.CHAT:
+        if self.drawing and self.target.kind is JobKind.CHAT:  # the reply's picture is done
+            if not self.state["images"]:
+                await self._fail("The picture could not be made; the reply above stands.")
+                return
+        elif self.target.kind is JobKind.CHAT:
             if self.text.strip():
                 await self._show_text(final=True)
             else:
                 await self._set_live("⚠️ The reply came back empty. Please try again.", final=True)
+            if self.state.get("refused") and not self.state.get("refusal_shown"):
+                self.state.update(live_done=True, refusal_shown=True)
+                await self._set_live(f"🖼️ {self.state['refused']}", final=True)
+            if self.state.get("picture") is not None:  # the words are final; the reply's delivery goes on
+                self.action = "upload_photo"
+                await self._drop_pacer()
+                await self._save()
+                return
         elif not self.state["images"]:
             await self._fail("The picture could not be made. Please try again.")
             return
@@ -473,7 +528,10 @@ class _Run:
     async def _fail(self, error: str) -> None:
         self.action = None
         line = f"⚠️ {error}"
-        if self.text.strip():
+        if self.drawing and self.target.kind is JobKind.CHAT:  # a picture failed: the reply stands as it is
+            line = f"⚠️ The picture could not be made: {error}"
+            self.state["live_done"] = True
+        elif self.text.strip():
             await self._show_text(final=True)
             self.state["live_done"] = True  # the error gets its own message after the partial reply
         status = self.state.pop("status", None)
@@ -490,7 +548,12 @@ class _Run:
     # --- plumbing ------------------------------------------------------------------------------------------
 
     async def _save(self, *, delivered: bool = False) -> None:
+        if delivered:
+            self.state["delivered"] = True
         await asyncio.to_thread(self.owner.save, self.target.job_id, self.state, delivered=delivered)
+        picture = self.state.get("picture")
+        if delivered and picture is not None and self.target.kind is JobKind.CHAT:
+            await asyncio.to_thread(self.owner.save, int(picture), {"parent": self.target.job_id}, delivered=True)
 
     async def _retrying(self, call: Callable[..., Any], *args: Any) -> str:
         """A send that honours the platform's retry-after (edits are paced by EditPacer instead)."""

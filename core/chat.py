@@ -21,6 +21,7 @@ from sqlalchemy import update
 from core import memory
 from core.db import repositories as repo
 from core.db.models import Character, Chat, Conversation, Job, User, utcnow
+from core.imaging import check_request, new_seed, sampler_params
 from core.jobs import JobKind, JobState
 from core.media import FileStore, MediaError, validate_image
 from core.queue import position
@@ -126,6 +127,7 @@ class ChatService:
             "characters": self._characters,
             "use": self._use,
             "imagine": self._imagine,
+            "regenerate": self._regenerate,  # the Regenerate button under a picture: /regenerate JOB_ID
             "reset": self._reset,
             "status": self._status,
             "remember": self._memory_command(lambda session, _user, conv, arg: memory.remember(session, conv, arg)),
@@ -196,14 +198,30 @@ class ChatService:
                     f"You already have {self.settings.max_open_jobs} requests in progress; "
                     "please wait for one to finish (/status shows them)."
                 )
+            if kind is JobKind.IMAGE:
+                params = self._picture_params(session, who, params)
             turn = repo.add_message(session, conversation, "user", text, images, message.message_id)
             job = repo.create_job(session, kind, who.user.id, conversation.id, turn.id, params)
             outcome = JobQueued(job.id, kind, position(session, job.id), who.character.name)  # type: ignore[union-attr]
+        return self._dispatched(outcome)
+
+    def _dispatched(self, outcome: JobQueued) -> JobQueued:
+        """Send the committed job to its queue; when that fails the job row is the truth: the sweeper re-sends it."""
         try:
-            self.dispatch(outcome.job_id, kind)
-        except Exception:  # the job row is the truth: the sweeper re-sends it
+            self.dispatch(outcome.job_id, outcome.kind)
+        except Exception:
             logger.warning("dispatching job %s failed; the sweeper will re-send it", outcome.job_id, exc_info=True)
         return outcome
+
+    def _picture_params(self, session: Session, who: _Who, params: dict[str, object]) -> dict[str, object]:
+        """A picture's params with its chat, a new seed and the sampler settings; refused by ``check_request``."""
+        reason = check_request(
+            session, self.settings, prompt=str(params.get("prompt", "")), user_id=who.user.id, chat=who.chat,
+            character=who.character,  # type: ignore[arg-type]
+        )
+        if reason is not None:
+            raise _Refused(reason)
+        return {**params, "chat_id": who.chat.id, **sampler_params(self.settings, new_seed())}
 
     def _chat(self, message: IncomingMessage, text: str) -> ChatOutcome:
         if not text and not message.attachments:
@@ -228,6 +246,28 @@ class ChatService:
         if message.attachments:
             return Refusal("/imagine takes words only; send a picture without a command to talk about it.")
         return self._queue(message, JobKind.IMAGE, message.text.strip(), [], {"prompt": prompt})
+
+    def _regenerate(self, message: IncomingMessage, arg: str) -> ChatOutcome:
+        """A new variation of a picture: the same scene and settings, a new seed; only its requester may ask."""
+        with self.sessionmaker.begin() as session:
+            who = self._who(session, message)
+            job = session.get(Job, int(arg)) if arg.isdigit() else None
+            if job is None or job.kind is not JobKind.IMAGE or job.user_id != who.user.id:
+                raise _Refused("Only the person who asked for this picture can redraw it.")
+            conversation = session.get(Conversation, job.conversation_id) if job.conversation_id else None
+            character = session.get(Character, conversation.character_id) if conversation else None
+            if conversation is None or character is None:
+                raise _Refused("This picture's conversation is gone, so I can't redraw it.")
+            if repo.count_open_jobs(session, who.user.id) >= self.settings.max_open_jobs:
+                raise _Refused(f"You already have {self.settings.max_open_jobs} requests in progress; please wait.")
+            old = dict(job.params)
+            who = _Who(who.user, session.get(Chat, conversation.chat_id) or who.chat, character)
+            params = {**self._picture_params(session, who, old), **{k: v for k, v in old.items() if k != "seed"}}
+            new = repo.create_job(
+                session, JobKind.IMAGE, who.user.id, conversation.id, job.request_message_id, params
+            )
+            outcome = JobQueued(new.id, JobKind.IMAGE, position(session, new.id), character.name)
+        return self._dispatched(outcome)
 
     def _characters(self, message: IncomingMessage, _arg: str) -> ChatOutcome:
         with self.sessionmaker.begin() as session:

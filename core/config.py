@@ -15,7 +15,14 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings"]
+__all__ = ["IMAGE_PRESETS", "Settings", "get_settings"]
+
+# (width, height, steps); "preview" is what the tiny random model draws on a CPU in a few seconds
+IMAGE_PRESETS: dict[str, tuple[int, int, int]] = {
+    "full": (1024, 1024, 50),
+    "fast": (512, 512, 20),
+    "preview": (256, 256, 12),
+}
 
 
 class Settings(BaseSettings):
@@ -56,6 +63,12 @@ class Settings(BaseSettings):
     image_width: int = Field(1024, ge=64, le=1024, multiple_of=16, description="Width of generated images.")
     image_height: int = Field(1024, ge=64, le=1024, multiple_of=16, description="Height of generated images.")
     image_steps: int = Field(50, ge=2, le=200, description="Flow-matching timesteps per generated image.")
+    image_preset: Literal["auto", "full", "fast", "custom"] = Field(
+        "auto",
+        description="Picture size and steps: full (1024 px, 50 steps), fast (512 px, 20 steps), custom "
+        "(image_width, image_height, image_steps); auto is custom when any of those is set, else full with model_dir "
+        "set, else a 256 px, 12-step preview (the tiny model on a CPU).",
+    )
 
     # --- pictures in replies (issue 8) ----------------------------------------------------------------------
     auto_image_every: int = Field(
@@ -189,6 +202,15 @@ class Settings(BaseSettings):
     def resolved_model_dir(self) -> Path:
         """The model folder to load: the configured one, or the tiny model under data_dir."""
         return self.model_dir or self.data_dir / "models" / "tiny"
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(width, height, steps) of generated pictures under ``image_preset``."""
+        custom = {"image_width", "image_height", "image_steps"} & self.model_fields_set
+        if self.image_preset == "custom" or (self.image_preset == "auto" and custom):
+            return self.image_width, self.image_height, self.image_steps
+        preset = self.image_preset if self.image_preset != "auto" else ("full" if self.model_dir else "preview")
+        return IMAGE_PRESETS[preset]
 
     def is_admin(self, platform: str, user_id: str) -> bool:
         """Whether this platform identity is a configured admin."""

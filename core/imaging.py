@@ -16,26 +16,32 @@ Notable:
   budget. CFG contexts follow MODEL.md 5.4. :func:`scene_contexts`.
 - **Cost and safety**: per-user and per-chat daily quotas counted from the job rows, a ban list, NSFW only where
   the chat and the deployment allow it, and real people only with attested consent. :func:`check_request`.
+- **The decision after a reply** puts these together: :func:`plan_picture`. An image job's params hold the scene
+  and every sampler setting (:func:`sampler_params`), so a Regenerate changes only the seed and an admin can
+  reproduce any picture (:func:`image_params`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import enum
 import re
-from collections.abc import Sequence
+import secrets
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from sqlalchemy import func, select
 
-from core.db.models import Job, utcnow
+from core.db.models import Job, Message, utcnow
 from core.jobs import JobKind, JobState
-from core.model.api import ImageContexts, ImageSegment, Segment, TextParams, TextSegment
-from core.model.roleplay import Thinking, scene_image_prompt
+from core.model.api import ImageContexts, ImageParams, ImageSegment, Segment, TextParams, TextSegment
+from core.model.roleplay import Thinking, parse_thinking, scene_image_prompt, thinking_prompt
 
 if TYPE_CHECKING:
     from PIL import Image
+    from sqlalchemy import ColumnElement
     from sqlalchemy.orm import Session
 
     from core.config import Settings
@@ -50,7 +56,14 @@ __all__ = [
     "lexical_ask",
     "detect_ask",
     "auto_allowed",
+    "replies_since_image",
+    "PicturePlan",
+    "plan_picture",
     "check_request",
+    "new_seed",
+    "params_record",
+    "sampler_params",
+    "image_params",
     "image_block_tokens",
     "scene_contexts",
 ]
@@ -181,19 +194,106 @@ def auto_allowed(thinking: Thinking, replies_since_last_image: int | None, setti
     return replies_since_last_image is None or replies_since_last_image >= settings.auto_image_every
 
 
+def _live_images(*where: ColumnElement[bool]) -> list[ColumnElement[bool]]:
+    """The clauses of image jobs that count (neither failed nor cancelled), plus ``where``."""
+    return [Job.kind == JobKind.IMAGE, Job.state.not_in([JobState.FAILED, JobState.CANCELLED]), *where]
+
+
+def _of_chat(chat_id: int) -> ColumnElement[bool]:
+    """Image jobs store their chat's id in their params (the per-chat quota and spacing read it)."""
+    return Job.params["chat_id"].as_integer() == chat_id
+
+
+def replies_since_image(session: Session, chat_id: int) -> int | None:
+    """Character replies in the chat since its last picture was queued; None when it never had one."""
+    query = select(Job.created_at).where(*_live_images(_of_chat(chat_id))).order_by(Job.id.desc()).limit(1)
+    last = session.scalar(query)
+    if last is None:
+        return None
+    return session.scalar(
+        select(func.count(Message.id)).where(
+            Message.chat_id == chat_id, Message.role == "character", Message.created_at > last
+        )
+    ) or 0
+
+
+@dataclass(frozen=True, slots=True)
+class PicturePlan:
+    """A picture is due after a reply: of what, the thinking step's plan (auto), and why."""
+
+    subject: Subject
+    thinking: Thinking | None
+    why: Literal["asked", "auto"]
+
+
+THINKING_TOKENS: Final = 192  # the plan is a few sentences and one instruction line
+THINKING_TEMPERATURE: Final = 0.3  # the paper's thinking call decodes near-greedily (MODEL.md 8.4)
+
+
+def plan_picture(
+    model: CharacterModel,
+    policy: ImagePolicy,
+    settings: Settings,
+    *,
+    user_text: str,
+    reply: str,
+    name: str,
+    description: str,
+    replies_since_last_image: int | None,
+    adapter: str | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> PicturePlan | None:
+    """Whether the reply just written carries a picture: an ask (any policy but never), or the model's plan (auto)."""
+    if policy is ImagePolicy.NEVER or not user_text.strip():
+        return None
+    verdict = detect_ask(user_text, model, name)
+    if verdict.asked:
+        return PicturePlan(verdict.subject, None, "asked")
+    if policy is not ImagePolicy.AUTO:
+        return None
+    if replies_since_last_image is not None and replies_since_last_image < settings.auto_image_every:
+        return None  # too soon for another: skip the thinking call altogether
+    params = TextParams(max_new_tokens=THINKING_TOKENS, temperature=THINKING_TEMPERATURE, top_p=1.0)
+    prompt = [TextSegment(thinking_prompt(description, user_text, reply))]
+    thinking = parse_thinking(model.generate_text(prompt, params, on_text=on_text, adapter=adapter))
+    if not auto_allowed(thinking, replies_since_last_image, settings):
+        return None
+    return PicturePlan(verdict.subject, thinking, "auto")
+
+
+def new_seed() -> int:
+    """A fresh positive seed (0 would mean "random" to some callers)."""
+    return secrets.randbelow(2**31 - 1) + 1
+
+
+_SAMPLER_FIELDS: Final = tuple(f.name for f in dataclasses.fields(ImageParams))
+
+
+def params_record(params: ImageParams) -> dict[str, Any]:
+    """Sampler settings as JSON, for ``Job.params`` and ``Job.result``."""
+    return dataclasses.asdict(params) | {"cfg_interval": list(params.cfg_interval)}
+
+
+def sampler_params(settings: Settings, seed: int) -> dict[str, Any]:
+    """Every sampler setting of a new picture under the deployment's preset, as JSON for ``Job.params``."""
+    width, height, steps = settings.image_shape
+    return params_record(ImageParams(width=width, height=height, num_timesteps=steps, seed=seed))
+
+
+def image_params(stored: Mapping[str, Any], settings: Settings) -> ImageParams:
+    """The sampler settings a job stored (those it lacks from the preset, a missing seed drawn fresh)."""
+    values = sampler_params(settings, int(stored.get("seed") or new_seed()))
+    values.update({name: stored[name] for name in _SAMPLER_FIELDS if stored.get(name) is not None})
+    values["cfg_interval"] = tuple(values["cfg_interval"])
+    return ImageParams(**values)
+
+
 # --- cost and safety ------------------------------------------------------------------------------------------
 
 
-def _images_since(session: Session, since: dt.datetime, **where: int) -> int:
-    """Image jobs created since ``since`` by the given owner columns, failures and cancellations not counted."""
-    query = select(func.count(Job.id)).where(
-        Job.kind == JobKind.IMAGE,
-        Job.created_at >= since,
-        Job.state.not_in([JobState.FAILED, JobState.CANCELLED]),
-    )
-    for column, value in where.items():
-        query = query.where(getattr(Job, column) == value)
-    return session.scalar(query) or 0
+def _images_since(session: Session, since: dt.datetime, *where: ColumnElement[bool]) -> int:
+    """Image jobs created since ``since`` that match ``where``, failures and cancellations not counted."""
+    return session.scalar(select(func.count(Job.id)).where(*_live_images(Job.created_at >= since, *where))) or 0
 
 
 def _words(text: str) -> set[str]:
@@ -223,21 +323,13 @@ def check_request(
     if character.real_person and not character.consent_attested:
         return f"{character.name} depicts a real person without recorded consent, so I can't make pictures of them."
     day_ago = utcnow() - dt.timedelta(days=1)
-    if _images_since(session, day_ago, user_id=user_id) >= settings.image_quota_user_per_day:
+    if _images_since(session, day_ago, Job.user_id == user_id) >= settings.image_quota_user_per_day:
         return (
             f"You have used your {settings.image_quota_user_per_day} pictures for today. "
             "Text replies still work; try pictures again tomorrow."
         )
     if chat is not None and settings.image_quota_chat_per_day:
-        used = session.scalar(
-            select(func.count(Job.id)).where(
-                Job.kind == JobKind.IMAGE,
-                Job.created_at >= day_ago,
-                Job.state.not_in([JobState.FAILED, JobState.CANCELLED]),
-                Job.params["chat_id"].as_integer() == chat.id,
-            )
-        ) or 0
-        if used >= settings.image_quota_chat_per_day:
+        if _images_since(session, day_ago, _of_chat(chat.id)) >= settings.image_quota_chat_per_day:
             return f"This chat has used its {settings.image_quota_chat_per_day} pictures for today."
     return None
 

@@ -23,6 +23,8 @@ __all__ = [
     "TextDelta",
     "Progress",
     "ImageReady",
+    "ImageFollows",
+    "ImageRefused",
     "Done",
     "Failed",
     "JobEvent",
@@ -120,6 +122,22 @@ class ImageReady:
 
 
 @dataclass(frozen=True, slots=True)
+class ImageFollows:
+    """A scene picture for this reply was queued as job ``job_id``: the delivery follows it into the same reply."""
+
+    job_id: int
+    type: Literal["image_follows"] = "image_follows"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRefused:
+    """The reply would have carried a picture, but it may not be made; ``reason`` is fit to show the user."""
+
+    reason: str
+    type: Literal["image_refused"] = "image_refused"
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     """The job finished; ``message_id`` is the stored reply message."""
 
@@ -135,12 +153,14 @@ class Failed:
     type: Literal["error"] = "error"
 
 
-JobEvent: TypeAlias = TextDelta | Progress | ImageReady | Done | Failed
+JobEvent: TypeAlias = TextDelta | Progress | ImageReady | ImageFollows | ImageRefused | Done | Failed
 
 _EVENT_TYPES: Final[dict[str, type[Any]]] = {
     "text": TextDelta,
     "progress": Progress,
     "image": ImageReady,
+    "image_follows": ImageFollows,
+    "image_refused": ImageRefused,
     "done": Done,
     "error": Failed,
 }

@@ -5,6 +5,11 @@ token budget); images the user sent go in as understanding (ViT) inputs. After a
 transaction queues a low-priority SUMMARY job when ``core.memory`` says enough turns left the recent window; the
 runner returns it so that it is dispatched after the commit. ORM objects stay inside the short sessions here;
 the model only sees segments and images.
+
+A reply may carry a scene picture (issue 8, ``core.imaging``): once the words are written, the chat's policy, an
+ask in the user's words or the model's own thinking step decide; ``check_request`` may refuse (the reason goes to
+the user beside the reply). A due picture is a separate IMAGE job on the image queue, announced on the chat job's
+stream (``ImageFollows``) before its Done, so the text never waits and a failed picture leaves the reply intact.
 """
 
 from __future__ import annotations
@@ -12,18 +17,32 @@ from __future__ import annotations
 import io
 import logging
 import re
-import secrets
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from core.db import repositories as repo
-from core.db.models import Character, Conversation, Message
-from core.jobs import ImageReady, JobKind, Progress, TextDelta
+from core.db.models import Character, Chat, Conversation, Message
+from core.imaging import (
+    PicturePlan,
+    check_request,
+    image_block_tokens,
+    image_params,
+    new_seed,
+    params_record,
+    plan_picture,
+    replies_since_image,
+    resolve_policy,
+    sampler_params,
+    scene_contexts,
+)
+from core.jobs import ImageFollows, ImageReady, ImageRefused, JobEvent, JobKind, Progress, TextDelta
 from core.memory import store_summary, summary_due, summary_request
-from core.model.api import ImageContexts, ImageParams, TextParams, TextSegment
+from core.model.api import TextParams
+from core.model.roleplay import Thinking
 from core.prompting import PromptTooLong, assemble_prompt
-from workers.lifecycle import Claim, JobError, Watch, complete, emit
+from workers.lifecycle import Claim, JobError, Stop, Watch, complete, emit
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -33,7 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "clean_text",
     "FollowUp",
-    "build_image_contexts",
+    "HISTORY_TURNS",
     "run_chat",
     "run_image",
     "run_summary",
@@ -45,6 +64,7 @@ logger = logging.getLogger(__name__)
 FollowUp = tuple[int, JobKind]  # a job the runner queued, to dispatch after its commit
 SUMMARY_TEMPERATURE = 0.3  # summaries should be faithful rather than creative
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # C0 controls but tab and newline: no frontend shows them
+HISTORY_TURNS = 6  # recent turns a scene picture is conditioned on, besides the user's words and the reply
 
 
 def clean_text(text: str) -> str:
@@ -72,9 +92,61 @@ def _image(ctx: WorkerContext, key: str) -> Image.Image:
     return image.convert("RGB")
 
 
-def build_image_contexts(character_name: str, prompt: str) -> ImageContexts:
-    """Text-to-image contexts for /imagine: the character's name leads the caption; unconditional is empty."""
-    return ImageContexts(cond=[TextSegment(f"{character_name}. {prompt}")], text_uncond=())
+def _device_name(model: object) -> str:
+    """The accelerator a picture's GPU seconds were spent on (recorded with the job)."""
+    device = getattr(model, "device", None)
+    if getattr(device, "type", None) == "cuda":
+        import torch  # only a runtime on CUDA gets here, and it has imported torch already
+
+        return str(torch.cuda.get_device_name(device))
+    return str(device) if device is not None else type(model).__name__
+
+
+def _plan(ctx: WorkerContext, claim: Claim, watch: Watch, facts: dict[str, Any], reply: str) -> PicturePlan | None:
+    """Whether the reply carries a picture; a failure here costs the picture, never the reply."""
+    try:
+        return plan_picture(
+            ctx.model.get(), facts["policy"], ctx.settings, user_text=facts["user_text"], reply=reply,
+            name=facts["name"], description=facts["description"], replies_since_last_image=facts["since"],
+            adapter=facts["adapter"], on_text=lambda _piece: watch.check(),
+        )
+    except Stop:
+        raise
+    except Exception:
+        logger.warning("job %s: deciding on a picture failed; the reply goes out without one", claim.job_id,
+                       exc_info=True)
+        return None
+
+
+def _queue_picture(
+    session: Session, ctx: WorkerContext, claim: Claim, facts: dict[str, Any], plan: PicturePlan, reply: str
+) -> tuple[JobEvent, FollowUp | None]:
+    """Inside the reply's transaction: the scene picture's IMAGE job, or the reason it may not be made."""
+    chat, character = session.get(Chat, facts["chat_id"]), session.get(Character, facts["character_id"])
+    instruction = plan.thinking.generation_instruction if plan.thinking else ""
+    reason = check_request(
+        session, ctx.settings, prompt=f"{facts['user_text']} {instruction}", user_id=facts["user_id"], chat=chat,
+        character=character,  # type: ignore[arg-type]
+    )
+    if reason is not None:
+        return ImageRefused(reason), None
+    reply_turn = repo.recent_messages(session, facts["conversation_id"], 1)
+    params = {
+        "scene": True,
+        "prompt": facts["user_text"],
+        "reply": reply,
+        "subject": plan.subject,
+        "why": plan.why,
+        "thinking": plan.thinking.thinking_process if plan.thinking else "",
+        "instruction": instruction,
+        "chat_id": facts["chat_id"],
+        "reply_message_id": reply_turn[0].id if reply_turn and reply_turn[0].role == "character" else None,
+        **sampler_params(ctx.settings, new_seed()),
+    }
+    job = repo.create_job(
+        session, JobKind.IMAGE, facts["user_id"], facts["conversation_id"], claim.request_message_id, params
+    )
+    return ImageFollows(job.id), (job.id, JobKind.IMAGE)
 
 
 def run_chat(ctx: WorkerContext, claim: Claim) -> list[FollowUp]:
@@ -92,6 +164,13 @@ def run_chat(ctx: WorkerContext, claim: Claim) -> list[FollowUp]:
         except PromptTooLong as error:
             raise JobError("Your message does not fit in what I can read at once; please shorten it.") from error
         adapter, conversation_id = _adapter(ctx, character), conversation.id
+        chat = session.get(Chat, conversation.chat_id)
+        facts = {
+            "policy": resolve_policy(character, chat), "user_text": message.text, "name": character.name,
+            "description": character.description, "since": replies_since_image(session, conversation.chat_id),
+            "adapter": adapter, "chat_id": conversation.chat_id, "character_id": character.id,
+            "user_id": conversation.user_id, "conversation_id": conversation_id,
+        }
     emit(ctx, claim.job_id, Progress(stage="text"))
 
     def on_text(piece: str) -> None:
@@ -102,42 +181,91 @@ def run_chat(ctx: WorkerContext, claim: Claim) -> list[FollowUp]:
     params = TextParams(settings.max_reply_tokens, settings.temperature, settings.top_p, claim.params.get("seed"))
     text = clean_text(model.generate_text(prompt.segments, params, on_text=on_text, adapter=adapter))
     watch.check()
+    plan = _plan(ctx, claim, watch, facts, text.strip())
     follow_ups: list[FollowUp] = []
+    events: list[JobEvent] = []  # filled inside the transaction, published after it, before Done
 
-    def queue_summary(session: Session) -> None:
+    def queue_follow_ups(session: Session) -> None:
         conversation = session.get(Conversation, conversation_id)
         if conversation is not None and summary_due(session, conversation, settings):
             job = repo.create_job(session, JobKind.SUMMARY, conversation.user_id, conversation.id)
             follow_ups.append((job.id, JobKind.SUMMARY))
+        if plan is not None and conversation is not None:
+            event, picture = _queue_picture(session, ctx, claim, facts, plan, text.strip())
+            events.append(event)
+            follow_ups.extend([picture] if picture else [])
 
-    complete(ctx, claim, text.strip(), result={"chars": len(text), "dropped": prompt.dropped}, write=queue_summary)
+    result = {"chars": len(text), "dropped": prompt.dropped, "picture": plan.why if plan else None}
+    complete(ctx, claim, text.strip(), result=result, before_done=events, write=queue_follow_ups)
     return follow_ups
 
 
+def _history(session: Session, conversation_id: int, before_id: int | None, name: str) -> list[tuple[str, str]]:
+    """The recent turns before the request, as (speaker, text) pairs, oldest first."""
+    turns = repo.recent_messages(session, conversation_id, HISTORY_TURNS + 1, before_id)
+    speaker = {"user": "User", "character": name}
+    return [(speaker.get(t.role, t.role), t.text) for t in turns if t.id != before_id and t.text.strip()]
+
+
 def run_image(ctx: WorkerContext, claim: Claim) -> list[FollowUp]:
-    """/imagine: a picture of the character, with step progress, stored in the file store."""
-    settings, watch, model = ctx.settings, Watch(ctx, claim), ctx.model.get()
+    """A picture (/imagine, Regenerate, or a reply's scene), with step progress, stored in the file store.
+
+    The job's params hold the scene and the sampler settings; the result records them with the GPU seconds.
+    """
+    settings, watch, model, p = ctx.settings, Watch(ctx, claim), ctx.model.get(), claim.params
     with ctx.sessionmaker() as session:
-        _conversation, character = _rows(session, claim)
-        contexts = build_image_contexts(character.name, str(claim.params.get("prompt", "")))
+        conversation, character = _rows(session, claim)
+        references, spent = [], 0
+        for ref in character.reference_images:  # load only what fits the image context budget
+            spent += image_block_tokens(ref.width, ref.height)
+            if spent > settings.image_context_tokens:
+                break
+            references.append(_image(ctx, ref.file_key))
+        thinking = Thinking(p.get("thinking", ""), p["instruction"]) if p.get("instruction") else None
+        contexts = scene_contexts(
+            description=character.description,
+            history=_history(session, conversation.id, claim.request_message_id, character.name),
+            user_text=str(p.get("prompt", "")),
+            reply=str(p.get("reply", "")),
+            references=references,
+            budget_tokens=settings.image_context_tokens,
+            subject=p.get("subject", "self"),
+            thinking=thinking,
+        )
         adapter = _adapter(ctx, character)
-    seed = int(claim.params.get("seed") or secrets.randbelow(2**31 - 1) + 1)
-    params = ImageParams(
-        width=settings.image_width, height=settings.image_height, num_timesteps=settings.image_steps, seed=seed
-    )
+    params = image_params(p, settings)
     emit(ctx, claim.job_id, Progress(stage="image"))  # the model reports the total with its first step
 
     def on_progress(step: int, total: int) -> None:
         watch.check()
         emit(ctx, claim.job_id, Progress(stage="image", step=step, total=total))
 
+    started = time.perf_counter()
     image = model.generate_image(contexts, params, on_progress=on_progress, adapter=adapter)
+    gpu_s = time.perf_counter() - started
     watch.check()
     out = io.BytesIO()
     image.convert("RGB").save(out, format="PNG")
     key = ctx.store.put(out.getvalue(), ".png")
-    ready = ImageReady(key=key, width=image.width, height=image.height, seed=seed)
-    complete(ctx, claim, "", [key], {"image_keys": [key], "seed": seed}, before_done=[ready])
+    ready = ImageReady(key=key, width=image.width, height=image.height, seed=params.seed or 0)
+    result = {
+        "image_keys": [key],
+        "seed": params.seed,
+        "params": params_record(params),
+        "gpu_s": round(gpu_s, 3),
+        "device": _device_name(model),
+        "references": len(references),
+    }
+    if not p.get("scene"):  # /imagine: the picture is its own turn
+        complete(ctx, claim, "", [key], result, before_done=[ready])
+        return []
+
+    def attach(session: Session) -> None:  # a scene picture belongs to the reply it shows
+        reply = session.get(Message, p["reply_message_id"]) if p.get("reply_message_id") else None
+        if reply is not None:
+            reply.image_keys = [*reply.image_keys, key]
+
+    complete(ctx, claim, None, result=result, before_done=[ready], write=attach)
     return []
 
 

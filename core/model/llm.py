@@ -173,7 +173,7 @@ class MoTAttention(nn.Module):
         self.qkv: dict[str, _Fused] = {}  # per expert suffix, set by Qwen2MoTModel.fuse_projections()
 
     def _project(self, h: Tensor, sfx: str, rope: Rope) -> tuple[Tensor, Tensor]:
-        """One expert's Q and K after its norms and RoPE, packed as ``[B, L, H + Hk, D]``, and its V ``[B, L, Hk*D]``."""
+        """One expert's Q and K after norms and RoPE, packed as ``[B, L, H + Hk, D]``, and its V ``[B, L, Hk*D]``."""
         B, L, _ = h.shape
         H, Hk, D = self.num_heads, self.num_kv_heads, self.head_dim
         linears = [getattr(self, f"{n}_proj{sfx}") for n in "qkv"]

@@ -15,9 +15,10 @@ Notable:
   (tested on the shifted t) only the conditional row runs. The schedule's host copy drives those decisions,
   so a step needs no host sync inside it.
 - Randomness comes from one ``torch.Generator`` per request, seeded from the request.
-- Requests are serialised by one first-come, first-served lock, but an image takes it per denoising step (with its adapter activated
-  for that step only) and lets the step finish before releasing it: a text reply for another user waits at
-  most one step, however long the image. Every device call happens under the lock. Adapters (core.model.lora) are kept in a small LRU.
+- Requests are serialised by one first-come, first-served lock (:class:`TurnLock`), but an image takes it per
+  denoising step (with its adapter activated for that step only) and lets the step finish before releasing it:
+  a text reply for another user waits at most one step, however long the image. Every device call happens
+  under the lock. Adapters (core.model.lora) are kept in a small LRU.
 """
 
 from __future__ import annotations
@@ -128,21 +129,33 @@ class TurnLock:
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._next = self._serving = 0
+        self._abandoned: set[int] = set()  # tickets whose waiter was interrupted: skipped when their turn comes
 
     @property
     def queued(self) -> int:
         """Requests holding or waiting for the lock."""
-        return self._next - self._serving
+        return self._next - self._serving - len(self._abandoned)
 
     def __enter__(self) -> None:
         with self._cond:
             ticket, self._next = self._next, self._next + 1
-            self._cond.wait_for(lambda: self._serving == ticket)
+            try:
+                self._cond.wait_for(lambda: self._serving == ticket)
+            except BaseException:
+                self._abandoned.add(ticket)
+                self._advance()  # a no-op unless it was already this ticket's turn
+                raise
 
     def __exit__(self, *exc: object) -> None:
         with self._cond:
             self._serving += 1
-            self._cond.notify_all()
+            self._advance()
+
+    def _advance(self) -> None:
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
+            self._serving += 1
+        self._cond.notify_all()
 
 
 class UniCharacterRuntime:

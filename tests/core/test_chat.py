@@ -155,7 +155,8 @@ def test_imagine_queues_an_image_job_on_its_queue(service, dispatch, any_session
     assert image.position == 1  # chat and image jobs queue separately
     assert dispatch.sent == [(chat.job_id, JobKind.CHAT), (image.job_id, JobKind.IMAGE)]
     with any_sessionmaker() as session:
-        assert session.get(Job, image.job_id).params == {"prompt": "a harbour at dusk"}
+        params = session.get(Job, image.job_id).params
+    assert params["prompt"] == "a harbour at dusk" and params["seed"] > 0  # with its chat and sampler settings
 
 
 def test_status_shows_positions_and_open_jobs_are_capped(service, settings):
