@@ -439,8 +439,6 @@ class _Run:
             return  # replayed after a restart: the picture is already there
         line = progress_text(progress)
         status = self.state.get("status")
-        if status is None and self.target.kind is JobKind.CHAT:
-            self.state["live_done"] = True  # the reply is final: the status line is a message of its own
         if status is None:
             status = await self._retrying(self.renderer.send_text, line)
             self.state["status"] = status
@@ -455,7 +453,8 @@ class _Run:
             return
         caption = ""
         if self.target.kind is JobKind.CHAT:
-            await self._show_text(final=True)  # the words first, then the scene they describe
+            if not self.drawing:  # a reply's picture job: the words are final already
+                await self._show_text(final=True)  # the words first, then the scene they describe
             caption = self._caption()
         data = await asyncio.to_thread(self.owner.read_image, key)
         self.action = "upload_photo"

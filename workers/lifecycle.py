@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from core.db import repositories as repo
 from core.db.models import Conversation, Job, utcnow
@@ -80,6 +80,33 @@ class Claim:
     started: float = field(default_factory=time.monotonic)
 
 
+# Statements built once (building one costs about as much as running it); the callers bind the values.
+_OWNED = (Job.id == bindparam("job_id"), Job.state == JobState.RUNNING, Job.attempts == bindparam("attempt"))
+_CLAIM = (
+    update(Job)
+    .where(Job.id == bindparam("job_id"), Job.state == bindparam("state"), Job.attempts == bindparam("attempts"))
+    .values(state=JobState.RUNNING, attempts=bindparam("attempt"), started_at=bindparam("now"), error=None)
+)
+_GIVE_UP = (
+    update(Job)
+    .where(Job.id == bindparam("job_id"))
+    .values(state=JobState.FAILED, error=bindparam("error"), finished_at=bindparam("now"))
+)
+_COMPLETE = (
+    update(Job)
+    .where(*_OWNED)
+    .values(
+        state=JobState.DONE,
+        reply_message_id=bindparam("reply_id"),
+        result=bindparam("result"),
+        progress=1.0,
+        finished_at=bindparam("now"),
+    )
+)
+_FAIL = update(Job).where(*_OWNED).values(state=JobState.FAILED, error=bindparam("error"), finished_at=bindparam("now"))
+_STATE = select(Job.state, Job.attempts).where(Job.id == bindparam("job_id"))
+
+
 def timeout_s(ctx: WorkerContext, kind: JobKind) -> int:
     """The time limit of a job of ``kind``."""
     return ctx.settings.train_timeout_s if kind is JobKind.TRAIN else ctx.settings.job_timeout_s
@@ -116,20 +143,14 @@ def claim(ctx: WorkerContext, job_id: int, redelivered: bool = False) -> Claim |
             job_id, job.kind, attempt, job.user_id, job.conversation_id, job.request_message_id, dict(job.params)
         )
         won = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state == job.state, Job.attempts == job.attempts)
-            .values(state=JobState.RUNNING, attempts=attempt, started_at=now, error=None)
+            _CLAIM, {"job_id": job_id, "state": job.state, "attempts": job.attempts, "attempt": attempt, "now": now}
         ).rowcount
         if won != 1:
             logger.info("job %s: claimed by another delivery", job_id)
             return None
         exhausted = attempt > ctx.settings.max_attempts
         if exhausted:
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id)
-                .values(state=JobState.FAILED, error=f"gave up after {attempt - 1} attempts", finished_at=now)
-            )
+            session.execute(_GIVE_UP, {"job_id": job_id, "error": f"gave up after {attempt - 1} attempts", "now": now})
     if exhausted:
         logger.warning("job %s: gave up after %s attempts", job_id, attempt - 1)
         emit(ctx, job_id, Failed("Sorry, this request failed several times and was given up. Please try again."))
@@ -158,7 +179,7 @@ class Watch:
             return
         self._next_check = now + self.interval_s
         with self.ctx.sessionmaker() as session:
-            row = session.execute(select(Job.state, Job.attempts).where(Job.id == self.claim.job_id)).one_or_none()
+            row = session.execute(_STATE, {"job_id": self.claim.job_id}).one_or_none()
         if row is None or row.state is JobState.CANCELLED:
             raise Cancelled(f"job {self.claim.job_id} was cancelled")
         if row.state is not JobState.RUNNING or row.attempts != self.claim.attempt:
@@ -187,17 +208,9 @@ def complete(
             message_id = repo.add_message(session, conversation, "character", text, image_keys).id
         if write is not None:
             write(session)
-        done = session.execute(
-            update(Job)
-            .where(Job.id == claim.job_id, Job.state == JobState.RUNNING, Job.attempts == claim.attempt)
-            .values(
-                state=JobState.DONE,
-                reply_message_id=message_id,
-                result=dict(result or {}),
-                progress=1.0,
-                finished_at=utcnow(),
-            )
-        ).rowcount
+        owned = {"job_id": claim.job_id, "attempt": claim.attempt}
+        values = {"reply_id": message_id, "result": dict(result or {}), "now": utcnow()}
+        done = session.execute(_COMPLETE, {**owned, **values}).rowcount
         if done != 1:
             state = session.scalar(select(Job.state).where(Job.id == claim.job_id))
             if state is None or state is JobState.CANCELLED:
@@ -213,9 +226,7 @@ def fail(ctx: WorkerContext, claim: Claim, error: str, user_message: str) -> boo
     """Mark the attempt's job failed with ``error`` and tell the user; False when the attempt lost its claim."""
     with ctx.sessionmaker.begin() as session:
         failed = session.execute(
-            update(Job)
-            .where(Job.id == claim.job_id, Job.state == JobState.RUNNING, Job.attempts == claim.attempt)
-            .values(state=JobState.FAILED, error=error[:2000], finished_at=utcnow())
+            _FAIL, {"job_id": claim.job_id, "attempt": claim.attempt, "error": error[:2000], "now": utcnow()}
         ).rowcount
     if failed:
         emit(ctx, claim.job_id, Failed(user_message))

@@ -259,19 +259,10 @@ class UniBot(discord.Client):
 
     # --- image buttons (bots.discord.buttons.ImageActions) ----------------------------------------------
 
-    def _job_prompt(self, job_id: int) -> str | None:
-        with self.sessions() as session:
-            job = session.get(Job, job_id)
-            return str(job.params.get("prompt") or "") if job is not None else None
-
     async def regenerate_image(self, interaction: discord.Interaction[Any], job_id: int) -> None:
-        """Draw a new variation of the same prompt, below the first."""
-        prompt = await asyncio.to_thread(self._job_prompt, job_id)
-        if not prompt:
-            await interaction.response.send_message("⚠️ I no longer know what this picture was of.", ephemeral=True)
-            return
+        """Draw a new variation of the same picture (same scene and settings, a new seed), below the first."""
         await interaction.response.defer(ephemeral=True, thinking=True)
-        outcome = await self.ask(interaction, f"/imagine {prompt}")
+        outcome = await self.ask(interaction, f"/regenerate {job_id}")
         if isinstance(outcome, JobQueued):
             self.deliver(outcome, str(interaction.channel_id), None, interaction.user.id)
             await interaction.followup.send("🔁 Drawing another one…", ephemeral=True)

@@ -98,6 +98,7 @@ class DiscordRenderer:
     """Renders one job in one Discord channel, speaking as the job's character."""
 
     limit = DISCORD_LIMIT
+    caption_limit = DISCORD_LIMIT  # a reply's scene picture goes out on one webhook message with the reply's words
     edit_interval = EDIT_INTERVAL_S
     action_interval = TYPING_INTERVAL_S
 

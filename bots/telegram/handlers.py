@@ -408,13 +408,11 @@ async def confirm_reset(update: Update, context: BotContext) -> None:
     await query.edit_message_text(_outcome_text(outcome))
 
 
-def _requester(session: Session, job_id: int) -> tuple[str | None, str]:
-    """The Telegram id of a job's requester and its picture prompt."""
+def _requester(session: Session, job_id: int) -> str | None:
+    """The Telegram id of a job's requester."""
     job = session.get(Job, job_id)
-    if job is None or job.user_id is None:
-        return None, ""
-    user = session.get(User, job.user_id)
-    return (user.platform_user_id if user else None), str(job.params.get("prompt", ""))
+    user = session.get(User, job.user_id) if job is not None and job.user_id is not None else None
+    return user.platform_user_id if user else None
 
 
 async def image_button(update: Update, context: BotContext) -> None:
@@ -423,7 +421,7 @@ async def image_button(update: Update, context: BotContext) -> None:
     assert query is not None and query.data is not None
     _, choice, raw_id = query.data.split(":")
     job_id = int(raw_id)
-    owner, prompt = await in_session(context.services, lambda session: _requester(session, job_id))
+    owner = await in_session(context.services, lambda session: _requester(session, job_id))
     if owner != str(query.from_user.id):
         await query.answer("Only the person who asked for this picture can do that.", show_alert=True)
         return
@@ -433,7 +431,7 @@ async def image_button(update: Update, context: BotContext) -> None:
         await query.edit_message_reply_markup(None)
         return
     await query.answer("Drawing another one…")
-    await ask(update, context, incoming(update, f"/imagine {prompt}"))
+    await ask(update, context, incoming(update, f"/regenerate {job_id}"))  # same scene and settings, a new seed
 
 
 def _accept(session: Session, job_id: int) -> None:

@@ -3,17 +3,66 @@
 Services take a ``Session`` argument; callers frame the transaction (``with db.begin() as session:``).
 SQLite gets WAL mode, a busy timeout, enforced foreign keys, working savepoints and transactions that take the
 write lock when they begin, so that it behaves like the server databases under the few concurrent writers a single
-machine has.
+machine has. The threads of one process queue for that lock on a lock of the process (woken as soon as it is free)
+instead of in SQLite's busy handler, which polls in sleeps of up to 100 ms.
 """
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = ["make_engine", "make_sessionmaker"]
+
+_BUSY_TIMEOUT_S = 30
+
+
+def _writer_lock_factory() -> type[sqlite3.Connection]:
+    """A connection class whose transactions hold one lock shared by the engine's connections, begin to end."""
+    lock = threading.Lock()
+
+    class _Connection(sqlite3.Connection):
+        holding = False
+
+        def begin_immediate(self) -> None:
+            if not lock.acquire(timeout=_BUSY_TIMEOUT_S):
+                raise sqlite3.OperationalError("database is locked (by another thread of this process)")
+            self.holding = True
+            try:
+                self.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self._release()
+                raise
+
+        def _release(self) -> None:
+            if self.holding:
+                self.holding = False
+                lock.release()
+
+        def commit(self) -> None:
+            try:
+                super().commit()
+            finally:
+                if not self.in_transaction:
+                    self._release()
+
+        def rollback(self) -> None:
+            try:
+                super().rollback()
+            finally:
+                self._release()
+
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                self._release()
+
+    return _Connection
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -30,7 +79,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 
 def _sqlite_begin(connection) -> None:  # type: ignore[no-untyped-def]
     # IMMEDIATE takes the write lock up front: concurrent writers wait (busy_timeout) instead of failing
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    connection.connection.dbapi_connection.begin_immediate()
 
 
 def make_engine(url: str) -> Engine:
@@ -39,11 +88,14 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        connect_args = {"check_same_thread": False, "timeout": _BUSY_TIMEOUT_S, "factory": _writer_lock_factory()}
+        engine = create_engine(url, connect_args=connect_args)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # no pool_pre_ping: a round trip per checkout; a connection found dead fails its statement and SQLAlchemy then
+    # replaces every pooled connection (a job that fails so is retried, a frontend shows a clear error)
+    return create_engine(url, pool_size=10, max_overflow=20)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
