@@ -6,12 +6,14 @@ shared/BENCHMARKS.md measures the official code:
   through the public ``generate_image``; the official count is 90 LLM passes over 4098 query tokens;
 - text prefill of 512 tokens and decode of 256 new tokens at batch 1, through the runtime's own prefill and
   decoder (the one ``generate_text`` loops over, with its one host read per token), replayed as a CUDA graph
-  (the default) and step by step;
+  (the default) and step by step; the graph also under the loops ``generate_text`` used before (a token read
+  before the next step is launched, with and without its per-token detokenising) as a same-card baseline;
 - with ``--compare-plain``, the same first without the runtime's fused (torch.compile'd) norms, RoPE and MLP;
 - peak GPU memory (weights, then the peaks of image and text work).
-Prints a table last and writes JSON. ``--tiny`` runs the same code on the tiny config on the CPU (a smoke test).
+Prints a table last and writes JSON. ``--tiny`` runs the same code on the tiny config on the CPU (a smoke test);
+``--text-only`` skips images (and the steps without a graph).
 
-Usage: python -m bench.model_bench [--out FILE] [--runs N] [--profile DIR] [--compare-plain] [--tiny]
+Usage: python -m bench.model_bench [--out FILE] [--runs N] [--profile DIR] [--compare-plain] [--tiny] [--text-only]
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from core.model.api import ImageContexts, ImageParams, TextSegment
 from core.model.config import BagelConfig, full_size_config
 from core.model.flow import guidance_active, timestep_schedule
+from core.model.decode import TextStream
 from core.model.runtime import UniCharacterRuntime, _TextBlock
 from core.model.tiny import TINY_LLM, TINY_VIT
 
@@ -91,9 +94,38 @@ def prompt_ids(rt: UniCharacterRuntime, tokens: int) -> list[int]:
     return [special.bos, *ids[: tokens - 2], special.eos]
 
 
-def text_bench(rt: UniCharacterRuntime, new_tokens: int) -> dict[str, Any]:
-    """Prefill a 512-token segment, then ``new_tokens`` greedy steps of the runtime's decoder, as ``generate_text``
-    runs them (one host read per token), but never stopping early at ``<|im_end|>``."""
+def pipelined(rt: UniCharacterRuntime, new_tokens: int) -> None:
+    """Greedy steps as ``generate_text`` runs them: one step ahead, detokenised by a ``TextStream``, streamed."""
+    stream, pieces = TextStream(rt.tokenizer.decode), []
+    for token in rt._decoder.tokens(lambda logits: logits.argmax(dim=-1), new_tokens, stop=None):
+        piece = stream.push(token)
+        if piece:
+            pieces.append(piece)
+
+
+def stepwise(rt: UniCharacterRuntime, new_tokens: int, *, detokenise: bool = False) -> None:
+    """Greedy steps as ``generate_text`` ran them before: read each token, then launch the next step; with
+    ``detokenise``, the host work it did per token too (decode all ids so far)."""
+    ids: list[int] = []
+    for _ in range(new_tokens):
+        nxt = rt._decoder.step().argmax(dim=-1)
+        ids.append(int(nxt))  # the loop's one host read per token
+        rt._decoder.advance(nxt)
+        if detokenise:
+            rt.tokenizer.decode(ids)
+
+
+DECODE_LOOPS: dict[str, Callable[[UniCharacterRuntime, int], None]] = {
+    "one step ahead (generate_text)": pipelined,
+    "one step at a time": stepwise,
+    "one step at a time, all ids decoded a token": lambda rt, n: stepwise(rt, n, detokenise=True),
+}
+
+
+def text_bench(rt: UniCharacterRuntime, new_tokens: int,
+               loop: Callable[[UniCharacterRuntime, int], None] = pipelined) -> dict[str, Any]:
+    """Prefill a 512-token segment, then ``new_tokens`` greedy steps of the runtime's decoder run by ``loop``,
+    never stopping early at ``<|im_end|>``."""
     ids = prompt_ids(rt, PROMPT_TOKENS)
     decoder = rt._decoder
     if rt.device.type == "cuda":
@@ -105,10 +137,7 @@ def text_bench(rt: UniCharacterRuntime, new_tokens: int) -> dict[str, Any]:
 
     def decode(rope_id: int) -> None:
         decoder.start(len(ids), rt.tokenizer.special.bos, rope_id)
-        for _ in range(new_tokens):
-            nxt = decoder.step().argmax(dim=-1)
-            int(nxt)  # the loop's one host read per token
-            decoder.advance(nxt)
+        loop(rt, new_tokens)
 
     with torch.inference_mode():
         timed(prefill, rt.device)  # warm-up
@@ -182,6 +211,7 @@ def main() -> None:
     parser.add_argument("--compare-plain", action="store_true",
                         help="first time the runtime without its compiled (fused) kernels")
     parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU, 64x64, 4 steps: a smoke test")
+    parser.add_argument("--text-only", action="store_true", help="decode loops only: no images, no graph-less steps")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -198,12 +228,15 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=1), encoding="utf-8")  # partial results survive a timeout
 
     if args.compare_plain:
-        record("image", "plain kernels", image_bench(rt, image, args.runs))
+        if not args.text_only:
+            record("image", "plain kernels", image_bench(rt, image, args.runs))
         record("text", "plain kernels", text_bench(rt, new_tokens))
         rt = variant(rt, compile_kernels=None)  # the runtime's default: fused kernels on CUDA
-    record("image", "default", image_bench(rt, image, args.runs))
-    record("text", "default", text_bench(rt, new_tokens))
-    if rt.device.type == "cuda":
+    if not args.text_only:
+        record("image", "default", image_bench(rt, image, args.runs))
+    for name, loop in DECODE_LOOPS.items():
+        record("text", name, text_bench(rt, new_tokens, loop))
+    if rt.device.type == "cuda" and not args.text_only:
         record("text", "steps without CUDA graph", text_bench(variant(rt, cuda_graphs=False), new_tokens))
     if args.profile:
         print(profile_image(rt, image, args.profile / "profile.txt")[:4000])

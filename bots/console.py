@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, TextIO
 
 from core.chat import Answer, ChatService, JobQueued, Refusal
-from core.jobs import Done, Failed, ImageReady, IncomingMessage, JobEvent, Progress, TextDelta
+from core.jobs import (
+    Done,
+    Failed,
+    ImageFollows,
+    ImageReady,
+    ImageRefused,
+    IncomingMessage,
+    JobEvent,
+    Progress,
+    TextDelta,
+)
 from core.media import FileStore
 from core.streams import follow_sync
 
@@ -81,16 +91,20 @@ class ConsoleFrontend:
         return outcome
 
     def follow(self, queued: JobQueued) -> None:
-        """Render the job's events until it is done or failed."""
+        """Render the job's events until it is done or failed, then the reply's scene picture when one follows."""
         self._write(f"{queued.character}: ")
         self._shown = self._stage_start = None
         if queued.position and queued.position > 1:
             self._status(f"[{queued.position - 1} ahead of you in the queue]")
-        try:
-            for _entry_id, event in follow_sync(self.redis, queued.job_id, idle_timeout_s=self.idle_timeout_s):
-                self.render(queued.job_id, event)
-        except TimeoutError:
-            self._status(f"! No word from the workers about request #{queued.job_id}; /status shows where it is.")
+        job_ids = [queued.job_id]
+        for job_id in job_ids:
+            try:
+                for _entry_id, event in follow_sync(self.redis, job_id, idle_timeout_s=self.idle_timeout_s):
+                    if isinstance(event, ImageFollows):
+                        job_ids.append(event.job_id)
+                    self.render(job_id, event)
+            except TimeoutError:
+                self._status(f"! No word from the workers about request #{job_id}; /status shows where it is.")
 
     def render(self, job_id: int, event: JobEvent) -> None:
         """One event on the terminal."""
@@ -100,6 +114,8 @@ class ConsoleFrontend:
             self._progress(event)
         elif isinstance(event, ImageReady):
             self._status(f"[image saved: {self._save(job_id, event)}]")
+        elif isinstance(event, ImageRefused):
+            self._status(f"[no picture: {event.reason}]")
         elif isinstance(event, Done):
             self._write("" if self._line_start else "\n")
         elif isinstance(event, Failed):

@@ -21,7 +21,7 @@ from sqlalchemy import update
 from core import memory
 from core.db import repositories as repo
 from core.db.models import Character, Chat, Conversation, Job, User, utcnow
-from core.imaging import check_request, new_seed, sampler_params
+from core.imaging import check_request, lexical_ask, new_seed, sampler_params
 from core.jobs import JobKind, JobState
 from core.media import FileStore, MediaError, validate_image
 from core.queue import position
@@ -245,7 +245,8 @@ class ChatService:
             return Refusal("Tell me what to draw: /imagine PROMPT, for example /imagine us at the harbour at dusk.")
         if message.attachments:
             return Refusal("/imagine takes words only; send a picture without a command to talk about it.")
-        return self._queue(message, JobKind.IMAGE, message.text.strip(), [], {"prompt": prompt})
+        subject = lexical_ask(prompt)[1]  # "a lighthouse" is a thing, "us at the harbour" a scene, "you" the character
+        return self._queue(message, JobKind.IMAGE, message.text.strip(), [], {"prompt": prompt, "subject": subject})
 
     def _regenerate(self, message: IncomingMessage, arg: str) -> ChatOutcome:
         """A new variation of a picture: the same scene and settings, a new seed; only its requester may ask."""

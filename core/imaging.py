@@ -328,9 +328,9 @@ def check_request(
             f"You have used your {settings.image_quota_user_per_day} pictures for today. "
             "Text replies still work; try pictures again tomorrow."
         )
-    if chat is not None and settings.image_quota_chat_per_day:
-        if _images_since(session, day_ago, _of_chat(chat.id)) >= settings.image_quota_chat_per_day:
-            return f"This chat has used its {settings.image_quota_chat_per_day} pictures for today."
+    chat_cap = settings.image_quota_chat_per_day
+    if chat is not None and chat_cap and _images_since(session, day_ago, _of_chat(chat.id)) >= chat_cap:
+        return f"This chat has used its {chat_cap} pictures for today."
     return None
 
 

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Final
 from sqlalchemy import Float, Select, String, Table, bindparam, case, cast, delete, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import aliased
+from sqlalchemy.orm.util import identity_key
 
 from core.db.models import (
     Base,
@@ -225,6 +226,13 @@ def _speakers(session: Session, conversation_ids: Iterable[int]) -> dict[int, tu
     """(user name, character name) of each conversation, cached in the (short-lived) session."""
     known: dict[int, tuple[str, str]] = session.info.setdefault("unichar.speakers", {})
     missing = set(conversation_ids) - known.keys()
+    for cid in list(missing):  # the reply's own conversation: its rows are usually in the session already
+        conversation = session.identity_map.get(identity_key(Conversation, cid))
+        user = session.identity_map.get(identity_key(User, conversation.user_id)) if conversation else None
+        character = session.identity_map.get(identity_key(Character, conversation.character_id)) if user else None
+        if character is not None:
+            known[cid] = (user.display_name or "User", character.name)
+            missing.discard(cid)
     if missing:
         rows = session.execute(_SPEAKERS, {"ids": list(missing)}).all()
         known.update({cid: (user or "User", character) for cid, user, character in rows})
@@ -335,6 +343,14 @@ _SUMMARY = (
     .order_by(Memory.covers_until_message_id.desc(), Memory.id.desc())
     .limit(1)
 )
+_FACTS_AND_SUMMARIES = (  # what a reply reads of both, in one statement
+    select(Memory)
+    .where(
+        _FACTS.whereclause  # type: ignore[arg-type]
+        | ((Memory.conversation_id == bindparam("conversation_id")) & (Memory.kind == SUMMARY))
+    )
+    .order_by(Memory.id)
+)
 
 
 def recall(session: Session, conversation: Conversation, query: str, *, before_id: int, limit: int) -> list[Turn]:
@@ -386,10 +402,19 @@ def memory_context(
 ) -> MemoryContext:
     """What memory adds to the reply to ``new_message`` (already stored in the conversation)."""
     recent = window(session, conversation, new_message.id, settings.history_messages)
-    summary = latest_summary(session, conversation.id)
-    known = facts(session, conversation.user_id, conversation.character_id, conversation.chat_id)
+    params = {
+        "user_id": conversation.user_id, "character_id": conversation.character_id,
+        "chat_id": conversation.chat_id, "conversation_id": conversation.id,
+    }
+    rows = session.scalars(_FACTS_AND_SUMMARIES, params).all()
+    summaries = [m for m in rows if m.kind == SUMMARY]  # as latest_summary orders them
+    summary = max(summaries, key=lambda m: (m.covers_until_message_id or 0, m.id), default=None)
+    known = sorted((m for m in rows if m.kind != SUMMARY), key=lambda m: m.kind != PINNED)  # as facts() does
+    # a window with room to spare holds every turn heard so far: nothing older is left to recall (nor to index yet)
+    fits = len(recent) < settings.history_messages
     floor = recent[0].message_id if recent else new_message.id
-    recalled = recall(session, conversation, new_message.text, before_id=floor, limit=settings.recall_turns)
+    limit = 0 if fits else settings.recall_turns
+    recalled = recall(session, conversation, new_message.text, before_id=floor, limit=limit)
     return MemoryContext(
         window=recent,
         summary=summary.text if summary else "",
@@ -402,18 +427,39 @@ def memory_context(
 # --- rolling summaries (the SUMMARY job) -------------------------------------------------------------------
 
 
+_BOUNDARY = (
+    select(Message.id)
+    .where(Message.conversation_id == bindparam("conversation_id"), Message.role.in_(TURN_ROLES))
+    .order_by(Message.id.desc())
+    .offset(bindparam("window"))
+    .limit(1)
+)
+_PENDING = (
+    select(func.count())
+    .select_from(Message)
+    .where(
+        Message.conversation_id == bindparam("conversation_id"),
+        Message.role.in_(TURN_ROLES),
+        Message.id > bindparam("covered"),
+        Message.id <= bindparam("boundary"),
+    )
+)
+_OPEN_SUMMARY = select(Job.id).where(
+    Job.conversation_id == bindparam("conversation_id"),
+    Job.kind == JobKind.SUMMARY,
+    Job.state.not_in(list(TERMINAL_STATES)),
+)
+
+
 def _unsummarised(session: Session, conversation: Conversation, settings: Settings) -> tuple[int, int]:
     """(last turn covered by the summary, newest turn outside the recent window); equal when nothing is due."""
+    params = {"conversation_id": conversation.id, "window": settings.history_messages}
+    boundary = session.scalar(_BOUNDARY, params)
+    if boundary is None:  # the conversation still fits the window: no summary needs looking at
+        return 0, 0
     summary = latest_summary(session, conversation.id)
     covered = (summary.covers_until_message_id or 0) if summary else 0
-    boundary = session.scalar(
-        select(Message.id)
-        .where(Message.conversation_id == conversation.id, Message.role.in_(TURN_ROLES))
-        .order_by(Message.id.desc())
-        .offset(settings.history_messages)
-        .limit(1)
-    )
-    return covered, max(covered, boundary or 0)
+    return covered, max(covered, boundary)
 
 
 def summary_due(session: Session, conversation: Conversation, settings: Settings) -> bool:
@@ -421,24 +467,10 @@ def summary_due(session: Session, conversation: Conversation, settings: Settings
     covered, boundary = _unsummarised(session, conversation, settings)
     if boundary == covered:
         return False
-    pending = session.scalar(
-        select(func.count()).select_from(Message).where(
-            Message.conversation_id == conversation.id,
-            Message.role.in_(TURN_ROLES),
-            Message.id > covered,
-            Message.id <= boundary,
-        )
-    )
-    if (pending or 0) < settings.summary_every:
+    params = {"conversation_id": conversation.id, "covered": covered, "boundary": boundary}
+    if (session.scalar(_PENDING, params) or 0) < settings.summary_every:
         return False
-    open_job = session.scalar(
-        select(Job.id).where(
-            Job.conversation_id == conversation.id,
-            Job.kind == JobKind.SUMMARY,
-            Job.state.not_in(list(TERMINAL_STATES)),
-        )
-    )
-    return open_job is None
+    return session.scalar(_OPEN_SUMMARY, {"conversation_id": conversation.id}) is None
 
 
 def summary_request(

@@ -23,8 +23,11 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from core.db import repositories as repo
-from core.db.models import Character, Chat, Conversation, Message
+from sqlalchemy import bindparam, select
+
+from core.db.models import Character, Chat, Conversation, Message, User
 from core.imaging import (
+    ImagePolicy,
     PicturePlan,
     check_request,
     image_block_tokens,
@@ -72,12 +75,21 @@ def clean_text(text: str) -> str:
     return _CONTROL.sub("", text)
 
 
-def _rows(session: Session, claim: Claim) -> tuple[Conversation, Character]:
-    conversation = session.get(Conversation, claim.conversation_id) if claim.conversation_id else None
-    character = session.get(Character, conversation.character_id) if conversation else None
-    if conversation is None or character is None:
+_ROWS = (  # one statement instead of four lookups
+    select(Conversation, Character, Chat, User)
+    .join(Character, Character.id == Conversation.character_id)
+    .join(Chat, Chat.id == Conversation.chat_id)
+    .join(User, User.id == Conversation.user_id)
+    .where(Conversation.id == bindparam("conversation_id"))
+)
+
+
+def _rows(session: Session, claim: Claim) -> tuple[Conversation, Character, Chat, User]:
+    """The job's conversation with its character, chat and user; hold them: the session's identity map is weak."""
+    row = session.execute(_ROWS, {"conversation_id": claim.conversation_id}).one_or_none()
+    if row is None:
         raise JobError("This conversation no longer exists.")
-    return conversation, character
+    return row.Conversation, row.Character, row.Chat, row.User
 
 
 def _adapter(ctx: WorkerContext, character: Character) -> str | None:
@@ -150,10 +162,10 @@ def _queue_picture(
 
 
 def run_chat(ctx: WorkerContext, claim: Claim) -> list[FollowUp]:
-    """An in-character reply, streamed as text deltas; may queue the conversation's rolling summary."""
+    """An in-character reply, streamed as text deltas; may queue the rolling summary and the reply's picture."""
     settings, watch, model = ctx.settings, Watch(ctx, claim), ctx.model.get()
     with ctx.sessionmaker.begin() as session:  # begin: recall indexes new turns as it reads
-        conversation, character = _rows(session, claim)
+        conversation, character, chat, _user = _rows(session, claim)  # all held: memory and the prompt read them
         message = session.get(Message, claim.request_message_id) if claim.request_message_id else None
         if message is None:
             raise JobError("Your message was deleted before I could answer it.")
@@ -164,10 +176,12 @@ def run_chat(ctx: WorkerContext, claim: Claim) -> list[FollowUp]:
         except PromptTooLong as error:
             raise JobError("Your message does not fit in what I can read at once; please shorten it.") from error
         adapter, conversation_id = _adapter(ctx, character), conversation.id
-        chat = session.get(Chat, conversation.chat_id)
+        policy = resolve_policy(character, chat)
+        # only the auto policy paces pictures by replies; the count is a query, skipped otherwise
+        since = replies_since_image(session, conversation.chat_id) if policy is ImagePolicy.AUTO else None
         facts = {
-            "policy": resolve_policy(character, chat), "user_text": message.text, "name": character.name,
-            "description": character.description, "since": replies_since_image(session, conversation.chat_id),
+            "policy": policy, "user_text": message.text, "name": character.name,
+            "description": character.description, "since": since,
             "adapter": adapter, "chat_id": conversation.chat_id, "character_id": character.id,
             "user_id": conversation.user_id, "conversation_id": conversation_id,
         }
@@ -214,7 +228,7 @@ def run_image(ctx: WorkerContext, claim: Claim) -> list[FollowUp]:
     """
     settings, watch, model, p = ctx.settings, Watch(ctx, claim), ctx.model.get(), claim.params
     with ctx.sessionmaker() as session:
-        conversation, character = _rows(session, claim)
+        conversation, character, _chat, _user = _rows(session, claim)
         references, spent = [], 0
         for ref in character.reference_images:  # load only what fits the image context budget
             spent += image_block_tokens(ref.width, ref.height)

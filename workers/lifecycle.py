@@ -84,7 +84,7 @@ class Claim:
 _OWNED = (Job.id == bindparam("job_id"), Job.state == JobState.RUNNING, Job.attempts == bindparam("attempt"))
 _CLAIM = (
     update(Job)
-    .where(Job.id == bindparam("job_id"), Job.state == bindparam("state"), Job.attempts == bindparam("attempts"))
+    .where(Job.id == bindparam("job_id"), Job.state == bindparam("was"), Job.attempts == bindparam("had"))
     .values(state=JobState.RUNNING, attempts=bindparam("attempt"), started_at=bindparam("now"), error=None)
 )
 _GIVE_UP = (
@@ -105,6 +105,10 @@ _COMPLETE = (
 )
 _FAIL = update(Job).where(*_OWNED).values(state=JobState.FAILED, error=bindparam("error"), finished_at=bindparam("now"))
 _STATE = select(Job.state, Job.attempts).where(Job.id == bindparam("job_id"))
+_CLAIMABLE = select(  # the columns a claim reads: plain values, no ORM object to track
+    Job.kind, Job.state, Job.attempts, Job.started_at, Job.user_id, Job.conversation_id, Job.request_message_id,
+    Job.params,
+).where(Job.id == bindparam("job_id"))
 
 
 def timeout_s(ctx: WorkerContext, kind: JobKind) -> int:
@@ -126,7 +130,7 @@ def claim(ctx: WorkerContext, job_id: int, redelivered: bool = False) -> Claim |
     """Start an attempt at the job, or None when there is nothing to do (missing, finished, or running elsewhere)."""
     now = utcnow()
     with ctx.sessionmaker.begin() as session:
-        job = session.get(Job, job_id)
+        job = session.execute(_CLAIMABLE, {"job_id": job_id}).one_or_none()
         if job is None or job.state in TERMINAL_STATES:
             logger.info("job %s: nothing to do (%s)", job_id, job.state.value if job else "missing")
             cancelled = job is not None and job.state is JobState.CANCELLED
@@ -143,7 +147,7 @@ def claim(ctx: WorkerContext, job_id: int, redelivered: bool = False) -> Claim |
             job_id, job.kind, attempt, job.user_id, job.conversation_id, job.request_message_id, dict(job.params)
         )
         won = session.execute(
-            _CLAIM, {"job_id": job_id, "state": job.state, "attempts": job.attempts, "attempt": attempt, "now": now}
+            _CLAIM, {"job_id": job_id, "was": job.state, "had": job.attempts, "attempt": attempt, "now": now}
         ).rowcount
         if won != 1:
             logger.info("job %s: claimed by another delivery", job_id)

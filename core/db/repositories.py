@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypeVar
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, Select, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -34,10 +34,35 @@ __all__ = [
 _Row = TypeVar("_Row", User, Chat)
 
 
+def _by_identity(model: type[_Row], key: str) -> Select[tuple[_Row]]:
+    """The row of a platform identity: bound ``platform`` and ``key``."""
+    return select(model).where(model.platform == bindparam("platform"), getattr(model, key) == bindparam(key))
+
+
+# Statements built once (building one costs about as much as running it); the callers bind the values.
+_LOOKUPS: dict[type, Select] = {  # type: ignore[type-arg]
+    User: _by_identity(User, "platform_user_id"),
+    Chat: _by_identity(Chat, "platform_chat_id"),
+}
+_FIRST_PUBLISHED = select(Character).where(Character.status == "published").order_by(Character.id).limit(1)
+_BY_NAME = select(Character).where(func.lower(Character.name) == bindparam("name"), Character.status == "published")
+_ACTIVE_CONVERSATION = (
+    select(Conversation)
+    .where(
+        Conversation.user_id == bindparam("user_id"),
+        Conversation.character_id == bindparam("character_id"),
+        Conversation.chat_id == bindparam("chat_id"),
+        Conversation.active.is_(True),
+    )
+    .order_by(Conversation.id.desc())
+    .limit(1)
+)
+
+
 def _get_or_insert(session: Session, model: type[_Row], lookup: dict[str, object], extra: dict[str, object]) -> _Row:
     """The row matching ``lookup``, inserted (with ``extra``) when missing, even under a concurrent insert."""
-    query = select(model).filter_by(**lookup)
-    row = session.scalars(query).one_or_none()
+    query = _LOOKUPS[model]
+    row = session.scalars(query, lookup).one_or_none()
     if row is not None:
         return row
     try:
@@ -45,7 +70,7 @@ def _get_or_insert(session: Session, model: type[_Row], lookup: dict[str, object
             row = model(**lookup, **extra)
             session.add(row)
     except IntegrityError:  # another process inserted it first
-        row = session.scalars(query).one()
+        row = session.scalars(query, lookup).one()
     return row
 
 
@@ -73,8 +98,7 @@ def published_characters(session: Session) -> Sequence[Character]:
 
 def character_by_name(session: Session, name: str) -> Character | None:
     """The published character called ``name``, ignoring case and surrounding spaces."""
-    query = select(Character).where(func.lower(Character.name) == name.strip().lower(), Character.status == "published")
-    return session.scalars(query).first()
+    return session.scalars(_BY_NAME, {"name": name.strip().lower()}).first()
 
 
 def _published(session: Session, character_id: int | None) -> Character | None:
@@ -88,21 +112,14 @@ def resolve_character(session: Session, user: User, chat: Chat, default_name: st
         _published(session, chat.active_character_id)
         or _published(session, user.active_character_id)
         or (character_by_name(session, default_name) if default_name else None)
-        or session.scalars(
-            select(Character).where(Character.status == "published").order_by(Character.id).limit(1)
-        ).first()
+        or session.scalars(_FIRST_PUBLISHED).first()
     )
 
 
 def active_conversation(session: Session, user_id: int, character_id: int, chat_id: int) -> Conversation:
     """The open conversation of this user with this character in this chat, started when there is none."""
-    query = (
-        select(Conversation)
-        .filter_by(user_id=user_id, character_id=character_id, chat_id=chat_id, active=True)
-        .order_by(Conversation.id.desc())
-        .limit(1)
-    )
-    conversation = session.scalars(query).first()
+    params = {"user_id": user_id, "character_id": character_id, "chat_id": chat_id}
+    conversation = session.scalars(_ACTIVE_CONVERSATION, params).first()
     if conversation is None:
         conversation = Conversation(user_id=user_id, character_id=character_id, chat_id=chat_id, active=True)
         session.add(conversation)
@@ -183,9 +200,12 @@ def _waiting_for(user_id: int) -> ColumnElement[bool]:
     return (Job.user_id == user_id) & Job.kind.in_(USER_KINDS) & Job.state.not_in(list(TERMINAL_STATES))
 
 
+_COUNT_OPEN = select(func.count()).select_from(Job).where(_waiting_for(bindparam("user_id")))  # type: ignore[arg-type]
+
+
 def count_open_jobs(session: Session, user_id: int) -> int:
     """How many replies and pictures the user is waiting for."""
-    return int(session.scalar(select(func.count()).select_from(Job).where(_waiting_for(user_id))) or 0)
+    return int(session.scalar(_COUNT_OPEN, {"user_id": user_id}) or 0)
 
 
 def open_jobs(session: Session, user_id: int) -> Sequence[Job]:

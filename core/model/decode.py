@@ -4,11 +4,17 @@ Every input of a step lives in a fixed buffer (token, rope id, write index, key 
 device, so a step has fixed shapes and no host work: on CUDA it is captured once per cache size and replayed,
 which removes the ~700 kernel launches per token that dominate batch-1 decoding. The cache grows in buckets;
 growing drops the graph. With a LoRA adapter active the step runs eagerly (the graph holds the base weights).
+
+``TextDecoder.tokens`` runs one step ahead of its caller: step t+1 is launched, fed the sampled token still on the
+device, before token t is read on the host, so the caller's work on token t (detokenising, streaming) overlaps the
+GPU's next step instead of leaving it idle. ``TextStream`` turns ids into text pieces decoding only the ids since
+the last complete character, so a token costs the same however long the reply.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -16,7 +22,7 @@ from torch import Tensor
 from core.model.bagel import Bagel
 from core.model.kv_cache import CacheSpan, KVCache
 
-__all__ = ["CACHE_BUCKET", "TextDecoder"]
+__all__ = ["CACHE_BUCKET", "TextDecoder", "TextStream"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +45,10 @@ class TextDecoder:
         self.rope = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.write = torch.zeros(1, dtype=torch.long, device=self.device)
         self.key_mask = torch.zeros(1, 0, dtype=torch.bool, device=self.device)
+        # a sampled token's way to the host: a pinned slot filled asynchronously, and an event marking the copy
+        cuda = self.device.type == "cuda"
+        self._host = torch.zeros(1, dtype=torch.long, pin_memory=cuda)
+        self._copied = torch.cuda.Event() if cuda else None
 
     def _alloc(self, capacity: int) -> KVCache:
         layers, rows, heads, _, dim = self._cache_shape
@@ -47,6 +57,8 @@ class TextDecoder:
     def reserve(self, need: int) -> KVCache:
         """A cache of at least ``need`` positions (grown by buckets); prefill writes into it."""
         if need > self.cache.capacity:
+            if self._graph is not None:  # a step run ahead may still be replaying the graph about to be dropped
+                torch.cuda.current_stream(self.device).synchronize()
             self.cache = self._alloc(-(-need // CACHE_BUCKET) * CACHE_BUCKET)
             self.key_mask = torch.zeros(1, self.cache.capacity, dtype=torch.bool, device=self.device)
             self._graph = self._logits = None
@@ -84,6 +96,42 @@ class TextDecoder:
         self.rope.add_(1)
         self.write.add_(1)
 
+    def tokens(
+        self, sample: Callable[[Tensor], Tensor], max_new_tokens: int, *, stop: int | None, eager: bool = False
+    ) -> Iterator[int]:
+        """Ids sampled from each step's logits until ``stop`` (not yielded) or ``max_new_tokens``, after ``start``.
+
+        ``sample`` maps logits ``[1, V]`` to a token ``[1]`` on the device. Sampling step t+1 waits until the caller
+        is done with token t, so a generator's draws come in the same order as when stepping one by one. When token t
+        is ``stop``, the step already launched is dropped: it wrote one cache slot past the reply, which nothing
+        reads (``start`` resets the mask; ``reserve`` left room for ``max_new_tokens`` steps and no more run).
+        """
+        nxt = sample(self.step(eager=eager))
+        for t in range(max_new_tokens):
+            ahead = t + 1 < max_new_tokens
+            self._post(nxt)
+            if ahead:
+                self.advance(nxt)
+                logits = self.step(eager=eager)
+            token = self._read()  # the one host read per token (a CPU-GPU sync point), not waiting for the step ahead
+            if token == stop:
+                return
+            yield token
+            if ahead:
+                nxt = sample(logits)
+
+    def _post(self, token: Tensor) -> None:
+        """Start copying ``token`` ``[1]`` to the host without waiting for it."""
+        self._host.copy_(token.view(1), non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
+    def _read(self) -> int:
+        """The token last posted, once its copy has landed."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        return int(self._host[0])
+
     def _forward(self) -> Tensor:
         span = CacheSpan(rows=slice(0, 1), start=0, write=self.write, end=self.cache.capacity, key_mask=self.key_mask)
         lm = self.model.language_model
@@ -102,3 +150,41 @@ class TextDecoder:
             self._logits = self._forward()
         self._graph = graph
         logger.info("captured the decode step as a CUDA graph for %d cache positions", self.cache.capacity)
+
+
+class TextStream:
+    """The text of a growing id sequence, piece by piece, exactly as decoding all ids at once would give it.
+
+    A byte-level BPE decodes the concatenated bytes of its tokens, so once the text ends in a complete character
+    (not U+FFFD) it splits there exactly: only the ids after the last piece are decoded again. A character split
+    over several tokens is held back until its last byte arrives.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self._pending: list[int] = []  # ids after the last piece
+        self._pieces: list[str] = []
+
+    def push(self, token: int) -> str:
+        """The new text once ``token`` is added; empty while a character is incomplete."""
+        self._pending.append(token)
+        piece = self._decode(self._pending)
+        if piece.endswith("\ufffd"):
+            return ""
+        self._pending = []  # empty text (skipped special tokens) adds no bytes either: a clean split too
+        if piece:
+            self._pieces.append(piece)
+        return piece
+
+    def flush(self) -> str:
+        """The rest at the end, an incomplete character included (as U+FFFD)."""
+        piece = self._decode(self._pending) if self._pending else ""
+        self._pending = []
+        if piece:
+            self._pieces.append(piece)
+        return piece
+
+    @property
+    def text(self) -> str:
+        """All pieces so far."""
+        return "".join(self._pieces)

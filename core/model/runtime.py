@@ -5,7 +5,8 @@ Notable:
   prefill of ``<|im_start|> text <|im_end|>`` runs; an image becomes a VAE block (clean latents at t = 0, mixed
   experts) and/or a ViT block (und expert), each framed by the vision markers, non-causal, on one rope id.
 - Text decoding (core.model.decode) uses a persistent static KV cache and a step of fixed shapes, replayed from a
-  CUDA graph on the GPU. The loop makes one host read per token, the stop check, which also feeds streaming.
+  CUDA graph on the GPU. The loop makes one host read per token, the stop check, which also feeds streaming;
+  it runs one step ahead, so detokenising and the streaming callback overlap the GPU's next step.
 - ``fuse_projections`` (default: on) runs each expert's Q/K/V and gate/up as one matrix product each, over the
   same memory as the checkpoint's Parameters; a layer with an active LoRA update runs the plain products.
 - ``compile_kernels`` (default: on CUDA) fuses the decoder's element-wise work with ``torch.compile``: on an H100
@@ -50,7 +51,7 @@ from core.model.api import (
 from core.model.bagel import Bagel, init_random_
 from core.model.checkpoint import load_bagel, load_vae
 from core.model.config import BagelConfig, from_checkpoint_dir, full_size_config
-from core.model.decode import TextDecoder
+from core.model.decode import TextDecoder, TextStream
 from core.model.flow import cfg_combine, euler_step, guidance_active, timestep_schedule
 from core.model.kv_cache import CacheSpan, KVCache
 from core.model.sampling import mask_padding_rows, sample_next
@@ -379,27 +380,22 @@ class UniCharacterRuntime:
         rope = self._prefill(blocks, decoder.reserve(length + 1 + params.max_new_tokens), row=0, offset=0)
         # decoding starts by feeding <|im_start|> (the official prepare_start_tokens)
         decoder.start(length, self.tokenizer.special.bos, rope)
-        eos = self.tokenizer.special.eos
-        ids: list[int] = []
-        streamed = ""
-        for _ in range(params.max_new_tokens):
-            logits = mask_padding_rows(decoder.step(eager=eager), self.tokenizer.size)
-            nxt = sample_next(logits, temperature=params.temperature, top_p=params.top_p, generator=gen)
-            token_id = int(nxt)  # the one host sync per token: the stop check, which also feeds streaming
-            if token_id == eos:
-                break
-            ids.append(token_id)
-            decoder.advance(nxt)
-            text = self.tokenizer.decode(ids)
-            if on_text is not None and not text.endswith("\ufffd") and text.startswith(streamed) and text != streamed:
-                on_text(text[len(streamed):])
-                streamed = text
-        final = self.tokenizer.decode(ids)
-        if not final.startswith(streamed):  # a merge changed earlier text: keep what the caller already saw
-            return streamed
-        if on_text is not None and final != streamed:
-            on_text(final[len(streamed):])
-        return final
+        size = self.tokenizer.size
+
+        def sample(logits: Tensor) -> Tensor:
+            return sample_next(mask_padding_rows(logits, size), temperature=params.temperature, top_p=params.top_p,
+                               generator=gen)
+
+        stream = TextStream(self.tokenizer.decode)
+        # the loop body runs while the GPU computes the next token (TextDecoder.tokens runs one step ahead)
+        for token in decoder.tokens(sample, params.max_new_tokens, stop=self.tokenizer.special.eos, eager=eager):
+            piece = stream.push(token)
+            if piece and on_text is not None:
+                on_text(piece)
+        rest = stream.flush()
+        if rest and on_text is not None:
+            on_text(rest)
+        return stream.text
 
     # --- images -------------------------------------------------------------------------------------------
 
