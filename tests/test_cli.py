@@ -156,3 +156,23 @@ def test_run_without_redis_and_private_redis_off_is_a_clear_error(
     err = capsys.readouterr().err
     assert "Redis does not answer at UNICHAR_REDIS_URL and UNICHAR_PRIVATE_REDIS is off" in err
     assert "hunter2" not in err
+
+
+def test_memory_export_and_forget_a_user(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from core.db.migrate import upgrade
+    from core.db.models import User
+    from core.db.session import make_engine, make_sessionmaker
+
+    settings = Settings()
+    upgrade(settings.sql_url)
+    db = make_sessionmaker(make_engine(settings.sql_url))
+    with db.begin() as session:
+        session.add(User(platform="telegram", platform_user_id="42", persona="a sailor who loves tea"))
+    assert cli.main(["memory", "export", "telegram:42", "--out", str(tmp_path / "me.json")]) == 0
+    assert "a sailor who loves tea" in (tmp_path / "me.json").read_text()
+    assert cli.main(["memory", "forget", "telegram:99"]) == 2  # unknown: nothing changes
+    assert "no user 'telegram:99'" in capsys.readouterr().err
+    assert cli.main(["memory", "forget", "telegram:42"]) == 0
+    assert "1 users" in capsys.readouterr().out
+    with db() as session:
+        assert session.query(User).count() == 0

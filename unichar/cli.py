@@ -216,14 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _hooks() -> list[Callable[[argparse._SubParsersAction], None]]:  # type: ignore[type-arg]
-    """The sub-command groups other modules own: model, character, admin, discord."""
+    """The sub-command groups other modules own: model, character, admin, memory, discord."""
     from bots.discord import cli as discord_cli
-    from unichar import admin_cli, character_cli, model_cli
+    from unichar import admin_cli, character_cli, memory_cli, model_cli
 
     return [
         model_cli.add_subparsers,
         character_cli.add_subparsers,
         admin_cli.add_subparsers,
+        memory_cli.add_subparsers,
         discord_cli.add_subparsers,
     ]
 
