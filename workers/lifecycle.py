@@ -109,6 +109,13 @@ _CLAIMABLE = select(  # the columns a claim reads: plain values, no ORM object t
     Job.kind, Job.state, Job.attempts, Job.started_at, Job.user_id, Job.conversation_id, Job.request_message_id,
     Job.params,
 ).where(Job.id == bindparam("job_id"))
+_CLAIM_QUEUED = (  # the usual case in one statement: a queued job becomes running, its attempt counted
+    update(Job)
+    .where(Job.id == bindparam("job_id"), Job.state == JobState.QUEUED)
+    .values(state=JobState.RUNNING, attempts=Job.attempts + 1, started_at=bindparam("now"), error=None)
+    .returning(Job.kind, Job.attempts, Job.user_id, Job.conversation_id, Job.request_message_id, Job.params)
+)
+_NO_SYNC = {"synchronize_session": False}  # no Job object of these sessions needs updating
 
 
 def timeout_s(ctx: WorkerContext, kind: JobKind) -> int:
@@ -130,28 +137,16 @@ def claim(ctx: WorkerContext, job_id: int, redelivered: bool = False) -> Claim |
     """Start an attempt at the job, or None when there is nothing to do (missing, finished, or running elsewhere)."""
     now = utcnow()
     with ctx.sessionmaker.begin() as session:
-        job = session.execute(_CLAIMABLE, {"job_id": job_id}).one_or_none()
-        if job is None or job.state in TERMINAL_STATES:
-            logger.info("job %s: nothing to do (%s)", job_id, job.state.value if job else "missing")
-            cancelled = job is not None and job.state is JobState.CANCELLED
-            if cancelled and job.started_at is None:  # cancelled while queued: close its stream for followers
-                emit(ctx, job_id, Failed("Cancelled."))
-            return None
-        started = _aware(job.started_at)
-        stale = started is not None and now - started > dt.timedelta(seconds=timeout_s(ctx, job.kind))
-        if job.state is JobState.RUNNING and not (redelivered or stale):
-            logger.info("job %s: already running (attempt %s); duplicate delivery ignored", job_id, job.attempts)
-            return None
-        attempt = job.attempts + 1
+        claimed = session.execute(_CLAIM_QUEUED, {"job_id": job_id, "now": now}, execution_options=_NO_SYNC).first()
+        if claimed is not None:
+            attempt, job = claimed.attempts, claimed
+        else:
+            job, attempt = _claim_other(ctx, session, job_id, redelivered, now)
+            if job is None:
+                return None
         result = Claim(
             job_id, job.kind, attempt, job.user_id, job.conversation_id, job.request_message_id, dict(job.params)
         )
-        won = session.execute(
-            _CLAIM, {"job_id": job_id, "was": job.state, "had": job.attempts, "attempt": attempt, "now": now}
-        ).rowcount
-        if won != 1:
-            logger.info("job %s: claimed by another delivery", job_id)
-            return None
         exhausted = attempt > ctx.settings.max_attempts
         if exhausted:
             session.execute(_GIVE_UP, {"job_id": job_id, "error": f"gave up after {attempt - 1} attempts", "now": now})
@@ -162,6 +157,33 @@ def claim(ctx: WorkerContext, job_id: int, redelivered: bool = False) -> Claim |
     if attempt > 1:  # an earlier attempt may have streamed part of a reply: frontends start over
         emit(ctx, job_id, Progress(stage="retry", step=attempt))
     return result
+
+
+def _claim_other(
+    ctx: WorkerContext, session: Session, job_id: int, redelivered: bool, now: dt.datetime
+) -> tuple[Any, int]:
+    """A job that was not queued: (its row, the new attempt) when this delivery takes it over, else (None, 0)."""
+    job = session.execute(_CLAIMABLE, {"job_id": job_id}).one_or_none()
+    if job is None or job.state in TERMINAL_STATES:
+        logger.info("job %s: nothing to do (%s)", job_id, job.state.value if job else "missing")
+        cancelled = job is not None and job.state is JobState.CANCELLED
+        if cancelled and job.started_at is None:  # cancelled while queued: close its stream for followers
+            emit(ctx, job_id, Failed("Cancelled."))
+        return None, 0
+    started = _aware(job.started_at)
+    stale = started is not None and now - started > dt.timedelta(seconds=timeout_s(ctx, job.kind))
+    if job.state is JobState.RUNNING and not (redelivered or stale):
+        logger.info("job %s: already running (attempt %s); duplicate delivery ignored", job_id, job.attempts)
+        return None, 0
+    attempt = job.attempts + 1
+    won = session.execute(
+        _CLAIM, {"job_id": job_id, "was": job.state, "had": job.attempts, "attempt": attempt, "now": now},
+        execution_options=_NO_SYNC,
+    ).rowcount
+    if won != 1:
+        logger.info("job %s: claimed by another delivery", job_id)
+        return None, 0
+    return job, attempt
 
 
 class Watch:

@@ -3,14 +3,16 @@
 Services take a ``Session`` argument; callers frame the transaction (``with db.begin() as session:``).
 SQLite gets WAL mode, a busy timeout, enforced foreign keys, working savepoints and transactions that take the
 write lock when they begin, so that it behaves like the server databases under the few concurrent writers a single
-machine has. The threads of one process queue for that lock on a lock of the process (woken as soon as it is free)
-instead of in SQLite's busy handler, which polls in sleeps of up to 100 ms.
+machine has. The threads of one process queue for that lock on a lock of the process (woken as soon as it is free),
+and only the one at the head of the queue asks SQLite, polling every few milliseconds at most, instead of every
+thread waiting in SQLite's busy handler, which sleeps up to 100 ms between tries.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
@@ -19,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 __all__ = ["make_engine", "make_sessionmaker"]
 
 _BUSY_TIMEOUT_S = 30
+_POLL_S = (0.0002, 0.005)  # first and longest pause between tries for another process's write lock
 
 
 def _writer_lock_factory() -> type[sqlite3.Connection]:
@@ -33,10 +36,27 @@ def _writer_lock_factory() -> type[sqlite3.Connection]:
                 raise sqlite3.OperationalError("database is locked (by another thread of this process)")
             self.holding = True
             try:
-                self.execute("BEGIN IMMEDIATE")
+                self._begin_polling(time.monotonic() + _BUSY_TIMEOUT_S)
             except BaseException:
                 self._release()
                 raise
+
+        def _begin_polling(self, deadline: float) -> None:
+            """BEGIN IMMEDIATE, retried in short pauses while another process writes (busy handler off meanwhile)."""
+            pause = _POLL_S[0]
+            self.execute("PRAGMA busy_timeout=0")
+            try:
+                while True:
+                    try:
+                        self.execute("BEGIN IMMEDIATE")
+                        return
+                    except sqlite3.OperationalError as error:
+                        if "locked" not in str(error) or time.monotonic() + pause > deadline:
+                            raise
+                    time.sleep(pause)
+                    pause = min(pause * 2, _POLL_S[1])
+            finally:
+                self.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_S * 1000}")
 
         def _release(self) -> None:
             if self.holding:

@@ -127,6 +127,23 @@ def test_auto_draws_only_when_the_thinking_step_plans_a_picture(ctx, service, se
     assert pictures == [] and sum(kind == "thinking" for kind, _ in model.calls) == thinking_before
 
 
+def test_a_failing_thinking_step_costs_the_picture_never_the_reply(ctx, service, sent):
+    set_policy(ctx, "auto")
+    model = use(ctx, ThinkingModel(plan=PLAN))
+    model.generate_text = _thinking_fails(model.generate_text)  # type: ignore[method-assign]
+    stream, pictures = reply(ctx, service, sent, "tell me about the harbour")
+    assert pictures == [] and isinstance(stream[-1], Done) and any(isinstance(e, TextDelta) for e in stream)
+
+
+def _thinking_fails(generate_text):
+    def generate(context, params, on_text=None, adapter=None):
+        if any(isinstance(s, TextSegment) and s.text.startswith(THINK_INSTRUCTION) for s in context):
+            raise ModelFailure("thinking failed on purpose")
+        return generate_text(context, params, on_text, adapter)
+
+    return generate
+
+
 def test_a_spent_quota_refuses_the_picture_and_the_reply_still_arrives(ctx, service, sent):
     ctx.settings = ctx.settings.model_copy(update={"image_quota_user_per_day": 1})
     service.settings = ctx.settings
@@ -201,3 +218,26 @@ def test_the_stored_seed_reproduces_the_same_picture(ctx, service, tiny_model_di
     execute(ctx, again_id)
     with ctx.sessionmaker() as session:
         assert session.get(Job, again_id).result["image_keys"] == keys  # content-addressed: the same bytes
+
+
+@pytest.mark.integration
+def test_a_scene_picture_with_a_reference_image_from_the_tiny_model(ctx, service, sent, tiny_model_dir):
+    pytest.importorskip("core.model.runtime")
+    from core.characters import accept_image, add_reference_image
+    from tests.factories import image_bytes
+    from workers.shared_model import load_runtime
+
+    small = {"model_dir": tiny_model_dir, "device": "cpu", "image_width": 64, "image_height": 64, "image_steps": 3}
+    ctx.settings = ctx.settings.model_copy(update=small | {"max_reply_tokens": 8, "context_tokens": 1024})
+    ctx.model = SharedModel(lambda: load_runtime(ctx.settings))
+    service.settings = ctx.settings
+    with ctx.sessionmaker.begin() as session:
+        furina = session.scalars(select(Character)).one()
+        add_reference_image(session, furina, accept_image(image_bytes(size=(64, 64)), ctx.settings), ctx.store)
+    _stream, [picture] = reply(ctx, service, sent, "send me a selfie please")
+    execute(ctx, picture.id)
+    stream = events(ctx, picture.id)
+    assert isinstance(stream[-1], Done), stream[-1]
+    with ctx.sessionmaker() as session:
+        result = session.get(Job, picture.id).result
+    assert result["references"] == 1 and result["params"]["width"] == 64 and result["device"] == "cpu"
