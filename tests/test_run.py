@@ -171,3 +171,18 @@ def _read_log_until(process: subprocess.Popen[str], marker: str) -> str:
         if marker in line:
             return "".join(seen)
     raise AssertionError("".join(seen))
+
+
+def test_an_empty_store_gets_the_starter_character_once(tmp_path: Path) -> None:
+    """A fresh install has someone to talk to; a store with characters is left alone."""
+    from core.characters import list_characters
+    from core.db.session import make_engine, make_sessionmaker
+    from unichar.run import _prepare_stores
+
+    settings = Settings(data_dir=tmp_path / "var", model_dir=tmp_path)  # model_dir set: no tiny model written
+    _prepare_stores(settings)
+    _prepare_stores(settings)
+    with make_sessionmaker(make_engine(settings.sql_url))() as session:
+        characters = list_characters(session)
+        assert [c.name for c in characters] == ["Mira"]
+        assert characters[0].greeting.startswith("The lamp room hums") and characters[0].alternate_greetings

@@ -232,17 +232,25 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+STARTER_CARD = Path(__file__).with_name("starter_card.json")
+
+
 def _prepare_stores(settings: Settings) -> None:
-    """Schema up to date; the tiny model written when no model is configured and none is there yet."""
-    from core.characters import list_characters
+    """Schema up to date; a starter character in an empty store; the tiny model when none is configured or there."""
+    from core.characters import import_card, list_characters
     from core.db.migrate import upgrade
     from core.db.session import make_engine, make_sessionmaker
+    from core.media import FileStore
 
     upgrade(settings.sql_url)
     engine = make_engine(settings.sql_url)
-    with make_sessionmaker(engine)() as session:
-        if not list_characters(session):
-            log.warning("no character is published yet: add one with `unichar character import CARD.png|FOLDER`")
+    with make_sessionmaker(engine).begin() as session:
+        if not list_characters(session, ("draft", "published", "retired")):
+            character = import_card(session, STARTER_CARD.read_bytes(), FileStore(settings.files_dir), settings)
+            log.info(
+                "the store had no character: added the starter %s (more with `unichar character import CARD|FOLDER`)",
+                character.name,
+            )
     engine.dispose()
     if settings.model_dir is None and not settings.resolved_model_dir.exists():
         from core.model.tiny import write_tiny_model
