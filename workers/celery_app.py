@@ -28,6 +28,7 @@ def configure(celery: Celery, settings: Settings, **overrides: object) -> None:
     longest = max(settings.job_timeout_s, settings.train_timeout_s)
     celery.conf.update(
         broker_url=settings.redis_url,
+        broker_transport="workers.broker:Transport",  # kombu's Redis transport, minus a client object per message
         broker_transport_options={"visibility_timeout": int(longest * 1.25) + 60},
         broker_connection_retry_on_startup=True,
         result_backend=None,

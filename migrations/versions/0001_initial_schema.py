@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-28 02:50:48.069839
+Create Date: 2026-11-28 04:08:00.770377
 """
 
 from __future__ import annotations

@@ -110,10 +110,11 @@ def test_an_image_job_reports_progress_and_stores_the_picture(live):
     outcome = live.service.handle(incoming("/imagine Furina on a stage"))
     assert outcome.kind is JobKind.IMAGE
     events = events_of(live, outcome.job_id)
-    steps = [e.step for e in events if isinstance(e, Progress) and e.stage == "image"]
-    assert steps == list(range(0, live.settings.image_steps + 1))
+    progress = [e for e in events if isinstance(e, Progress) and e.stage == "image"]
+    width, height, steps = live.settings.image_shape
+    assert [e.step for e in progress] == list(range(steps + 1)) and progress[-1].total == steps
     [ready] = [e for e in events if isinstance(e, ImageReady)]
-    assert (ready.width, ready.height) == (live.settings.image_width, live.settings.image_height)
+    assert (ready.width, ready.height) == (width, height)
     assert live.ctx.store.read(ready.key).startswith(b"\x89PNG")
     job, [reply] = stored(live, outcome.job_id)
     assert reply.image_keys == [ready.key] and job.result["seed"] == ready.seed
@@ -127,7 +128,7 @@ def test_an_image_with_a_question_reaches_the_model_as_an_image(live):
     outcome = live.service.handle(incoming("what do you see?", attachments=(picture,)))
     events = events_of(live, outcome.job_id)
     assert "I see 1 image" in "".join(e.text for e in events if isinstance(e, TextDelta))
-    [(_kind, context)] = live.model.calls
+    context = next(payload for kind, payload in live.model.calls if kind == "text")  # the reply's call
     [segment] = [s for s in context if isinstance(s, ImageSegment)]
     assert segment.image.size == (32, 24) and segment.vit
 
