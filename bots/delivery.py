@@ -341,6 +341,8 @@ class _Run:
         if isinstance(event, TextDelta):
             self.text += strip_control(event.text)
             await self._show_text(final=False)
+        elif isinstance(event, Progress) and event.stage == "retry":
+            await self._restart_text(event.step)
         elif isinstance(event, Progress):
             await self._show_progress(event)
         elif isinstance(event, ImageReady):
@@ -391,6 +393,24 @@ class _Run:
             self.state["carry"] = next_carry
             self.state["live_done"] = True
             await self._save()
+
+    async def _restart_text(self, attempt: int) -> None:
+        """A worker died mid-reply and a new attempt starts over: its text replaces what was shown.
+
+        Replays (after a bot restart) reset the text again, but only a new attempt touches the posted messages:
+        the first is kept and edited by the new text, the others are deleted.
+        """
+        self.text = ""
+        if attempt <= self.state.get("attempt", 1):
+            return
+        await self._drop_pacer()
+        first, *extra = self.state["messages"] or [None]
+        for message_id in extra:
+            with contextlib.suppress(MessageGone):
+                await self.renderer.delete(message_id)
+        self.state.update(attempt=attempt, messages=[first] if first else [], offset=0, carry="")
+        self.state.pop("live_done", None)
+        await self._save()
 
     async def _set_live(self, text: str, *, final: bool) -> None:
         if self.state.pop("live_done", False) or not self.state["messages"]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from core.config import Settings
 from core.db.session import make_engine, make_sessionmaker
+from core.jobs import JobKind
 from core.media import FileStore
 from core.submissions import Actor, QueueItem, SubmissionError, Submissions
 
@@ -28,9 +29,9 @@ _ALL = _OPEN + ("published", "rejected", "cancelled", "withdrawn")
 def _dispatch(job_id: int) -> None:
     """Send the train task now; if the broker is unreachable the sweeper re-sends the queued job."""
     try:
-        from workers.tasks import run_job
+        from workers.tasks import dispatch
 
-        run_job.delay(job_id)
+        dispatch(job_id, JobKind.TRAIN)  # the train queue: training never sits in front of a chat reply
     except Exception as error:  # the row is queued either way
         log.warning("could not send job %s now (%s); the sweeper will send it", job_id, error)
 

@@ -422,3 +422,20 @@ def test_a_short_reply_becomes_the_caption_of_its_picture(sessions, files, words
     else:
         assert room.captions == [""] and " ".join(room.messages.values()).split() == words.split()
     assert job_row(sessions, target.job_id).delivered_at is not None
+
+
+def test_a_restarted_attempt_replaces_the_partial_reply(sessions, files) -> None:
+    """A worker died mid-reply: the new attempt's text overwrites what was shown, extra messages go."""
+    streams, room = Streams(), Chatroom()
+    target = make_job(sessions)
+
+    async def main() -> None:
+        task = service(sessions, files, streams, FakeRenderer(room)).start(target)
+        streams.publish(target.job_id, *(TextDelta(f"lost{i} " * 8) for i in range(4)))
+        await until(lambda: len(room.messages) >= 2)
+        streams.publish(target.job_id, Progress(stage="retry", step=2), TextDelta("Hello again."), Done(message_id=1))
+        await task
+
+    asyncio.run(main())
+    assert list(room.messages.values()) == ["Hello again."]
+    assert room.deleted and job_row(sessions, target.job_id).delivery["messages"] == list(room.messages)
