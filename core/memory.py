@@ -214,8 +214,8 @@ def index_chat(session: Session, chat_id: int) -> int:
             for term, n in counts.items()
         )
     if postings:  # another worker may index the same turns at the same time: the first one wins
-        insert = _INSERTS[session.get_bind().dialect.name](MessageTerm).on_conflict_do_nothing()
-        session.execute(insert, postings)
+        connection = session.connection()  # Core executemany: the ORM's bulk path costs more than the rows
+        connection.execute(_INSERTS[connection.dialect.name](MessageTerm).on_conflict_do_nothing(), postings)
     return len(rows)
 
 

@@ -257,6 +257,34 @@ def test_status_and_help(tg: Live) -> None:
     run(body)
 
 
+def test_tiny_model_answers_a_photo_and_draws_with_imagine(tg: Live, tiny_model_dir) -> None:
+    """The real runtime behind the worker: a question about an uploaded photo, then /imagine's photo."""
+    import io
+
+    from PIL import Image
+
+    from core.model.runtime import UniCharacterRuntime
+
+    tg.use_model(UniCharacterRuntime.load(tiny_model_dir, device="cpu"))
+
+    async def body() -> None:
+        async with fake_api() as fake, running_bot(tg, fake):
+            await fake.send(ANN, ANN, photo=png(), caption="What do you see?")
+            await fake.wait_for(delivered(tg), timeout=300)
+            await fake.send(ANN, ANN, "/imagine a lighthouse in a storm")
+            photo = await fake.wait_for(lambda: next((m for m in fake.bot_messages(ANN) if m.photo), None), timeout=300)
+            await fake.wait_for(delivered(tg, 2), timeout=300)
+            question, picture = jobs(tg)
+            assert question.state is JobState.DONE and picture.state is JobState.DONE, (question.error, picture.error)
+            with tg.sessionmaker() as session:
+                request = session.get(Message, question.request_message_id)
+                assert request is not None and len(request.image_keys) == 1  # the photo reached the model's context
+            with Image.open(io.BytesIO(photo.photo)) as image:
+                assert image.size == (picture.result["params"]["width"], picture.result["params"]["height"])
+
+    run(body)
+
+
 def test_tiny_model_reply_streams_through_the_worker(tg: Live, tiny_model_dir) -> None:
     from core.model.runtime import (
         UniCharacterRuntime,  # imported here: only this test needs the runtime
