@@ -21,10 +21,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
-
-from core.db import repositories as repo
 from sqlalchemy import bindparam, select
 
+from core.db import repositories as repo
 from core.db.models import Character, Chat, Conversation, Message, User
 from core.imaging import (
     ImagePolicy,
