@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.characters import CharacterError, export_card, get_character, import_card, list_characters
+from core.characters import (
+    CharacterError,
+    export_card,
+    get_character,
+    import_card,
+    list_characters,
+)
 from core.config import Settings
-from core.db.migrate import upgrade
-from core.db.session import make_engine, make_sessionmaker
 from core.media import FileStore
 from core.rolescape import import_rolescape, is_rolescape_folder
+from unichar.stores import run_in_transaction
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -73,16 +77,9 @@ _ACTIONS = {"import": _import, "export": _export, "list": _list}
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     """Do the one action in one transaction; a refusal rolls everything back and exits with code 2."""
-    upgrade(settings.sql_url)  # a fresh machine may import characters before anything else ran
-    db = make_sessionmaker(make_engine(settings.sql_url))
     store = FileStore(settings.files_dir)
-    try:
-        with db.begin() as session:
-            print(_ACTIONS[args.character_action](args, session, settings, store))
-    except CharacterError as error:
-        print(f"unichar: {error}", file=sys.stderr)
-        return 2
-    return 0
+    action = _ACTIONS[args.character_action]
+    return run_in_transaction(settings, lambda session: action(args, session, settings, store), (CharacterError,))
 
 
 def add_subparsers(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -8,22 +8,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
-from core.config import Settings
-from core.db.migrate import upgrade
 from core.db.models import User
-from core.db.session import make_engine, make_sessionmaker
 from core.media import FileStore
 from core.memory import export_user, forget_user
+from unichar.stores import run_in_transaction
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from core.config import Settings
 
 __all__ = ["add_subparsers"]
 
 
-def _user_id(session, identity: str) -> int:  # type: ignore[no-untyped-def]
+def _user_id(session: Session, identity: str) -> int:
     platform, _, platform_user_id = identity.partition(":")
     user = session.scalar(select(User).where(User.platform == platform, User.platform_user_id == platform_user_id))
     if not platform or not platform_user_id or user is None:
@@ -31,27 +34,26 @@ def _user_id(session, identity: str) -> int:  # type: ignore[no-untyped-def]
     return user.id
 
 
+def _export(args: argparse.Namespace, session: Session, _settings: Settings) -> str:
+    text = json.dumps(export_user(session, _user_id(session, args.user)), ensure_ascii=False, indent=2)
+    if not args.out:
+        return text
+    Path(args.out).write_text(text + "\n", encoding="utf-8")
+    return f"wrote {args.out}"
+
+
+def _forget(args: argparse.Namespace, session: Session, settings: Settings) -> str:
+    deleted = forget_user(session, _user_id(session, args.user), FileStore(settings.files_dir))
+    return "deleted " + ", ".join(f"{n} {table}" for table, n in sorted(deleted.items()) if n)
+
+
+_ACTIONS = {"export": _export, "forget": _forget}
+
+
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     """Export or delete in one transaction; an unknown user changes nothing and exits with code 2."""
-    upgrade(settings.sql_url)
-    db = make_sessionmaker(make_engine(settings.sql_url))
-    try:
-        with db.begin() as session:
-            user_id = _user_id(session, args.user)
-            if args.memory_action == "export":
-                text = json.dumps(export_user(session, user_id), ensure_ascii=False, indent=2)
-                if args.out:
-                    Path(args.out).write_text(text + "\n", encoding="utf-8")
-                    print(f"wrote {args.out}")
-                else:
-                    print(text)
-            else:
-                deleted = forget_user(session, user_id, FileStore(settings.files_dir))
-                print("deleted " + ", ".join(f"{n} {table}" for table, n in sorted(deleted.items()) if n))
-    except LookupError as error:
-        print(f"unichar: {error}", file=sys.stderr)
-        return 2
-    return 0
+    action = _ACTIONS[args.memory_action]
+    return run_in_transaction(settings, lambda session: action(args, session, settings), (LookupError,))
 
 
 def add_subparsers(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
