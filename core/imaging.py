@@ -96,7 +96,7 @@ _PICTURE = r"(?:pics?|pix|pictures?|photos?|photographs?|selfies?|images?|snaps?
 _REQUEST_VERB = r"(?:send|show|draw|paint|sketch|snap|take|share|post|drop|give|make|create|generate|render|picture)"
 _STRONG: Final = [
     re.compile(rf"\b(?:send|show|give|share|post|drop)\s+(?:me|us)\b.*\b{_PICTURE}\b"),
-    re.compile(rf"\b(?:draw|paint|sketch|picture|illustrate|render)\s+(?:me|us|you|yourself|your|a|an|the|what|how)\b"),
+    re.compile(r"\b(?:draw|paint|sketch|picture|illustrate|render)\s+(?:me|us|you|yourself|your|a|an|the|what|how)\b"),
     re.compile(rf"\b(?:take|snap)\s+(?:a|another|one|some)?\s*{_PICTURE}\b"),
     re.compile(rf"^\W*{_PICTURE}\W*(?:\?|pls|please|plz)+"),
     re.compile(rf"\b(?:can|could|would|will|may)\s+(?:i|we)\s+(?:see|get|have)\b.*\b(?:{_PICTURE}|you|your|it)\b"),
@@ -113,7 +113,7 @@ _WEAK: Final = [
 ]
 _AGAINST: Final = [
     re.compile(rf"\b(?:don'?t|do not|never|no|stop|without)\b\W+(?:\w+\W+){{0,2}}(?:{_REQUEST_VERB}|{_PICTURE}|see)\b"),
-    re.compile(rf"\b(?:i|we)\s+(?:saw|took|sent|drew|painted|posted|shared|made|have|had|love|like)\b"),
+    re.compile(r"\b(?:i|we)\s+(?:saw|took|sent|drew|painted|posted|shared|made|have|had|love|like)\b"),
     re.compile(rf"\b(?:my|our|his|her|their)\s+(?:\w+\s+)?{_PICTURE}\b"),
     re.compile(r"\b(?:yesterday|last\s+(?:week|night|time|year))\b"),
 ]

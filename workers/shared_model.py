@@ -1,7 +1,9 @@
 """One model per worker process, shared by the worker's threads and loaded by whichever needs it first.
 
 The model is loaded lazily inside the worker process (CUDA is never initialised in a parent that forks), once,
-under a lock. ``UniCharacterRuntime`` is thread-safe: its engine batches the threads' requests on the GPU.
+under a lock. ``UniCharacterRuntime`` is thread-safe: it serves the threads first come, first served, a text reply
+as one turn and an image one denoising step per turn, so replies keep flowing while a picture renders. Requests are
+not yet batched together on the GPU.
 """
 
 from __future__ import annotations
