@@ -450,16 +450,21 @@ def _channel_list(channels: list[int]) -> str:
     return ", ".join(f"<#{c}>" for c in channels) if channels else "every channel"
 
 
+async def _set_allowed(interaction: Interaction[Any], channel: discord.TextChannel, allowed: bool) -> None:
+    """Put a channel on or off the guild's speaking list and say where characters may speak now."""
+    assert interaction.guild_id is not None
+    channels = await asyncio.to_thread(
+        _in_session, _bot(interaction), lambda s: guilds.allow_channel(s, interaction.guild_id, channel.id, allowed)
+    )
+    await _say(interaction, f"Characters may speak in: {_channel_list(channels)}.")
+
+
 @server_settings.command(name="allow")
 @app_commands.describe(channel="A channel where characters may speak")
 @_guild_manager()
 async def settings_allow(interaction: Interaction[Any], channel: discord.TextChannel) -> None:
     """Let characters speak in a channel (once any is allowed, only allowed ones)."""
-    assert interaction.guild_id is not None
-    channels = await asyncio.to_thread(
-        _in_session, _bot(interaction), lambda s: guilds.allow_channel(s, interaction.guild_id, channel.id, True)
-    )
-    await _say(interaction, f"Characters may speak in: {_channel_list(channels)}.")
+    await _set_allowed(interaction, channel, True)
 
 
 @server_settings.command(name="disallow")
@@ -467,11 +472,7 @@ async def settings_allow(interaction: Interaction[Any], channel: discord.TextCha
 @_guild_manager()
 async def settings_disallow(interaction: Interaction[Any], channel: discord.TextChannel) -> None:
     """Take a channel off the list where characters may speak."""
-    assert interaction.guild_id is not None
-    channels = await asyncio.to_thread(
-        _in_session, _bot(interaction), lambda s: guilds.allow_channel(s, interaction.guild_id, channel.id, False)
-    )
-    await _say(interaction, f"Characters may speak in: {_channel_list(channels)}.")
+    await _set_allowed(interaction, channel, False)
 
 
 def _listen(session: Any, channel_id: int, name: str | None) -> str:

@@ -16,7 +16,7 @@ from typing import Final
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from telegram import InlineKeyboardButton, InlineKeyboardMarkup, Update
+from telegram import CallbackQuery, InlineKeyboardButton, InlineKeyboardMarkup, Update
 
 from bots.delivery import Target
 from bots.telegram.context import BotContext, Services, in_session
@@ -392,13 +392,20 @@ async def pick_character(update: Update, context: BotContext) -> None:
     await query.edit_message_text(_outcome_text(outcome))
 
 
+async def _refuse_stranger(query: CallbackQuery, owner: str | None, why: str) -> bool:
+    """Buttons belong to one user: anyone else gets ``why`` as an alert (True), the owner passes (False)."""
+    if str(query.from_user.id) == owner:
+        return False
+    await query.answer(why, show_alert=True)
+    return True
+
+
 async def confirm_reset(update: Update, context: BotContext) -> None:
     """Starts over (or not) when the user who asked for /reset presses a button."""
     query = update.callback_query
     assert query is not None and query.data is not None
     _, choice, owner = query.data.split(":")
-    if str(query.from_user.id) != owner:
-        await query.answer("Only the person who asked can answer this.", show_alert=True)
+    if await _refuse_stranger(query, owner, "Only the person who asked can answer this."):
         return
     await query.answer()
     if choice != "yes":
@@ -422,8 +429,7 @@ async def image_button(update: Update, context: BotContext) -> None:
     _, choice, raw_id = query.data.split(":")
     job_id = int(raw_id)
     owner = await in_session(context.services, lambda session: _requester(session, job_id))
-    if owner != str(query.from_user.id):
-        await query.answer("Only the person who asked for this picture can do that.", show_alert=True)
+    if await _refuse_stranger(query, owner, "Only the person who asked for this picture can do that."):
         return
     if choice == "keep":
         await in_session(context.services, lambda session: _accept(session, job_id))
@@ -445,8 +451,7 @@ async def memory_button(update: Update, context: BotContext) -> None:
     query = update.callback_query
     assert query is not None and query.data is not None
     _, what, owner = query.data.split(":")
-    if str(query.from_user.id) != owner:
-        await query.answer("Only the person whose memory this is can do that.", show_alert=True)
+    if await _refuse_stranger(query, owner, "Only the person whose memory this is can do that."):
         return
     await query.answer()
     store = context.services.store
