@@ -9,11 +9,15 @@ shared/BENCHMARKS.md measures the official code:
   (the default) and step by step; the graph also under the loops ``generate_text`` used before (a token read
   before the next step is launched, with and without its per-token detokenising) as a same-card baseline;
 - with ``--compare-plain``, the same first without the runtime's fused (torch.compile'd) norms, RoPE and MLP;
+- images with the generation expert in bf16 and then in FP8 (``--image-fp8 compare``, the default on a GPU with FP8
+  tensor cores), with the FP8 error: one guided velocity of the first step (same inputs) against bf16, and the
+  PSNR of the finished image against the bf16 one of the same seed (random weights make that a worst case);
 - peak GPU memory (weights, then the peaks of image and text work).
 Prints a table last and writes JSON. ``--tiny`` runs the same code on the tiny config on the CPU (a smoke test);
 ``--text-only`` skips images (and the steps without a graph).
 
 Usage: python -m bench.model_bench [--out FILE] [--runs N] [--profile DIR] [--compare-plain] [--tiny] [--text-only]
+                                  [--image-fp8 compare|on|off]
 """
 
 from __future__ import annotations
@@ -22,18 +26,21 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from core.model.api import ImageContexts, ImageParams, TextSegment
 from core.model.config import BagelConfig, full_size_config
-from core.model.flow import guidance_active, timestep_schedule
 from core.model.decode import TextStream
+from core.model.flow import guidance_active, timestep_schedule
 from core.model.runtime import UniCharacterRuntime, _TextBlock
 from core.model.tiny import TINY_LLM, TINY_VIT
 
@@ -67,18 +74,60 @@ def llm_passes(params: ImageParams) -> int:
     return sum(guided if guidance_active(t, params.cfg_interval) else 1 for t in ts)
 
 
-def image_bench(rt: UniCharacterRuntime, params: ImageParams, runs: int) -> dict[str, Any]:
-    """Warm up on the same shapes (8 steps: guided and unguided ones), then time ``runs`` full images."""
+def image_bench(rt: UniCharacterRuntime, params: ImageParams, runs: int) -> tuple[dict[str, Any], Image.Image]:
+    """Warm up on the same shapes (8 steps: guided and unguided ones), then time ``runs`` full images; returns the
+    figures and the last image."""
     contexts = ImageContexts(cond=[TextSegment(PROMPT)])
     warm = dataclasses.replace(params, num_timesteps=8)
     timed(lambda: rt.generate_image(contexts, warm), rt.device)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
-    seconds = [timed(lambda: rt.generate_image(contexts, params), rt.device)[0] for _ in range(runs)]
+    seconds, image = [], None
+    for _ in range(runs):
+        s, image = timed(lambda: rt.generate_image(contexts, params), rt.device)
+        seconds.append(s)
     passes = llm_passes(params)
     best = min(seconds)
     return {"seconds": seconds, "median_s": statistics.median(seconds), "best_s": best, "official_passes": passes,
-            "s_per_official_pass": best / passes, "peak_gib": _peak_gib(rt.device)}
+            "s_per_official_pass": best / passes, "peak_gib": _peak_gib(rt.device)}, image
+
+
+def first_velocities(rt: UniCharacterRuntime, params: ImageParams) -> torch.Tensor:
+    """The velocities (every guided row, before CFG) of an image's first denoising step, float32."""
+    seen: list[torch.Tensor] = []
+    velocity = rt.model.velocity
+    rt.model.velocity = lambda hidden: seen.append(velocity(hidden).float()) or seen[-1]  # type: ignore[method-assign]
+    try:
+        rt.generate_image(ImageContexts(cond=[TextSegment(PROMPT)]), dataclasses.replace(params, num_timesteps=2))
+    finally:
+        del rt.model.velocity  # back to the class's method
+    return seen[0]
+
+
+def fp8_kernel_error(device: torch.device) -> dict[str, float]:
+    """The fast FP8 quantisation kernels against their reference (dequantised outputs, relative L2 error)."""
+    from core.model.projection import fast_fp8_kernels, quantize_rows, silu_mul_rows
+
+    fast_rows, fast_gated = fast_fp8_kernels()
+    x = torch.randn(4099, 2 * 18944, device=device, dtype=torch.bfloat16)
+    gate, up = x.chunk(2, dim=-1)
+    out = {}
+    for name, ours, ref in (("rows", fast_rows(x[:, :3584]), quantize_rows(x[:, :3584])),
+                            ("silu_mul_rows", fast_gated(gate, up), silu_mul_rows(gate, up))):
+        a, b = (v.float() * s for v, s in (ours, ref))
+        out[name] = float((a - b).norm() / b.norm())
+    return out
+
+
+def fp8_error(v_fp8: torch.Tensor, v_bf16: torch.Tensor, image_fp8: Image.Image, image_bf16: Image.Image
+              ) -> dict[str, float]:
+    """How far FP8 lands from bf16: one velocity on the same inputs, and the finished images of the same seed."""
+    a, b = v_fp8.flatten(), v_bf16.flatten()
+    pixels = [torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in (image_fp8, image_bf16)]
+    mse = float(((pixels[0] - pixels[1]) ** 2).mean())
+    return {"velocity_relative_l2": float((a - b).norm() / b.norm()),
+            "velocity_cosine": float(torch.nn.functional.cosine_similarity(a, b, dim=0)),
+            "image_psnr_db": float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)}
 
 
 def _peak_gib(device: torch.device) -> float | None:
@@ -161,15 +210,17 @@ def profile_image(rt: UniCharacterRuntime, params: ImageParams, path: Path) -> s
         rt.generate_image(ImageContexts(cond=[TextSegment(PROMPT)]), short)
         _sync(rt.device)
     sort = "cuda_time_total" if rt.device.type == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=30)
+    table = prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90)
     path.write_text(table, encoding="utf-8")
     return table
 
 
-def build(tiny: bool, compile_kernels: bool | None) -> UniCharacterRuntime:
+def build(tiny: bool, compile_kernels: bool | None, image_fp8: bool | None = None) -> UniCharacterRuntime:
+    """The full-size (or tiny) random runtime; ``image_fp8`` None is the runtime's default (FP8 where supported)."""
     cfg = BagelConfig(llm=TINY_LLM, vit=TINY_VIT) if tiny else full_size_config()
     device = "cpu" if tiny else "cuda"
-    return UniCharacterRuntime.random(cfg, device=device, dtype=torch.bfloat16, compile_kernels=compile_kernels)
+    return UniCharacterRuntime.random(cfg, device=device, dtype=torch.bfloat16, compile_kernels=compile_kernels,
+                                      image_fp8=image_fp8)
 
 
 def variant(rt: UniCharacterRuntime, **options: Any) -> UniCharacterRuntime:
@@ -190,15 +241,19 @@ def table(results: dict[str, Any]) -> str:
     if env["weights_gib"] is not None:
         rows.append(("weights on the GPU", f"{env['weights_gib']:.1f} GiB"))
     for name, img in results["image"].items():
-        rows += [(f"{size} image ({name})", f"{img['best_s']:.2f} s best, {img['median_s']:.2f} s median, "
-                  f"{1000 * img['s_per_official_pass']:.0f} ms per official pass ({img['official_passes']})")]
+        rows += [(f"{size} image ({name})", (f"{img['best_s']:.2f} s best, {img['median_s']:.2f} s median, "
+                  f"{1000 * img['s_per_official_pass']:.0f} ms per official pass ({img['official_passes']})"))]
+        if "error_vs_bf16" in img:
+            err = img["error_vs_bf16"]
+            rows.append((f"  {name} against bf16", (f"first velocity: relative L2 {err['velocity_relative_l2']:.4f}, "
+                         f"cosine {err['velocity_cosine']:.5f}; image PSNR {err['image_psnr_db']:.1f} dB")))
         if img["peak_gib"] is not None:
             rows.append((f"  peak GPU memory ({name})", f"{img['peak_gib']:.1f} GiB"))
     for name, text in results["text"].items():
-        rows += [(f"prefill {text['prompt_tokens']} tokens ({name})", f"{text['prefill_tok_s']:,.0f} tokens/s "
-                  f"({1000 * text['prefill_s']:.1f} ms)"),
-                 (f"decode {text['new_tokens']} tokens ({name})", f"{text['decode_tok_s']:.1f} tokens/s "
-                  f"({text['ms_per_token']:.2f} ms a token)")]
+        rows += [(f"prefill {text['prompt_tokens']} tokens ({name})", (f"{text['prefill_tok_s']:,.0f} tokens/s "
+                  f"({1000 * text['prefill_s']:.1f} ms)")),
+                 (f"decode {text['new_tokens']} tokens ({name})", (f"{text['decode_tok_s']:.1f} tokens/s "
+                  f"({text['ms_per_token']:.2f} ms a token)"))]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
@@ -212,10 +267,12 @@ def main() -> None:
                         help="first time the runtime without its compiled (fused) kernels")
     parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU, 64x64, 4 steps: a smoke test")
     parser.add_argument("--text-only", action="store_true", help="decode loops only: no images, no graph-less steps")
+    parser.add_argument("--image-fp8", choices=("compare", "on", "off"), default="compare",
+                        help="generation expert in FP8: bf16 then FP8 in the same run (compare), or one of them")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    rt = build(args.tiny, compile_kernels=False if args.compare_plain else None)
+    rt = build(args.tiny, compile_kernels=False if args.compare_plain else None, image_fp8=args.image_fp8 == "on")
     image = IMAGE if not args.tiny else dataclasses.replace(IMAGE, width=64, height=64, num_timesteps=4)
     new_tokens = NEW_TOKENS if not args.tiny else 16
     results: dict[str, Any] = {"environment": environment(rt), "settings": dataclasses.asdict(image),
@@ -229,11 +286,19 @@ def main() -> None:
 
     if args.compare_plain:
         if not args.text_only:
-            record("image", "plain kernels", image_bench(rt, image, args.runs))
+            record("image", "plain kernels", image_bench(rt, image, args.runs)[0])
         record("text", "plain kernels", text_bench(rt, new_tokens))
-        rt = variant(rt, compile_kernels=None)  # the runtime's default: fused kernels on CUDA
+        rt = variant(rt, compile_kernels=None, image_fp8=args.image_fp8 == "on")  # fused kernels on CUDA
     if not args.text_only:
-        record("image", "default", image_bench(rt, image, args.runs))
+        figures, picture = image_bench(rt, image, args.runs)
+        record("image", {"on": "fp8", "off": "bf16", "compare": "bf16"}[args.image_fp8], figures)
+        if args.image_fp8 == "compare":
+            v_bf16 = first_velocities(rt, image)
+            rt = variant(rt, image_fp8=True)
+            figures, picture_fp8 = image_bench(rt, image, args.runs)
+            figures["error_vs_bf16"] = fp8_error(first_velocities(rt, image), v_bf16, picture_fp8, picture)
+            figures["kernel_error"] = fp8_kernel_error(rt.device)
+            record("image", "fp8", figures)
     for name, loop in DECODE_LOOPS.items():
         record("text", name, text_bench(rt, new_tokens, loop))
     if rt.device.type == "cuda" and not args.text_only:

@@ -4,6 +4,8 @@ A benchmark, not a test. Real Redis (a private redis-server, as ``unichar run`` 
 in its own process (thread pool, as in production), SQL on SQLite and/or PostgreSQL, and a zero-cost model double
 (``tests.doubles.EchoModel``: the reply is the echo of the input, streamed in one piece). Measured from just before
 ``ChatService.handle`` to the ``Done`` event read back from the job's stream, the reply row already committed.
+CPU time per message by process (frontend, worker, redis-server and, with PostgreSQL, its backends on the bench's
+database) for the sequential run and for the throughput run.
 
     python -m bench.pipeline [--db sqlite,postgresql] [--messages 1000] [--users 50] [--per-user 20]
 
@@ -13,6 +15,7 @@ Goal (issue 2): p50 under 10 ms, at least 200 messages/s with 50 concurrent user
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import secrets
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from redis import Redis
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from core.chat import ChatService, JobQueued
 from core.config import Settings
@@ -56,6 +59,7 @@ class Result:
     users: int
     concurrent_messages: int
     cpu_ms: dict[str, float]
+    concurrent_cpu_ms: dict[str, float]  # the same, per message of the throughput run (contention included)
 
 
 def _cpu_s(pid: int | None) -> float:
@@ -64,6 +68,39 @@ def _cpu_s(pid: int | None) -> float:
         return time.process_time()
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _CpuMeter:
+    """CPU time per message by process since the last reading; with PostgreSQL, also its backends on the bench's
+    database (those alive at the reading: a connection closed meanwhile is missed, so that figure is a floor)."""
+
+    def __init__(self, pids: dict[str, int | None], engine: Engine) -> None:
+        self.pids, self.engine = pids, engine
+        self.before = self._read()
+
+    def _backends(self) -> list[int]:
+        if self.engine.dialect.name != "postgresql":
+            return []
+        with self.engine.connect() as connection:
+            query = "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"  # this one's too: pooled
+            return list(connection.execute(text(query)).scalars())
+
+    def _read(self) -> dict[str, float]:
+        seconds = {name: _cpu_s(pid) for name, pid in self.pids.items()}
+        for pid in self._backends():
+            with contextlib.suppress(OSError):  # it may have ended since
+                seconds[f"pg{pid}"] = _cpu_s(pid)
+        return seconds
+
+    def per_message(self, messages: int) -> dict[str, float]:
+        """Milliseconds per message since the last reading, by process (``postgres``: the backends together)."""
+        now = self._read()
+        spent = {name: 1000 * (value - self.before.get(name, 0.0)) / messages for name, value in now.items()}
+        self.before = now
+        out = {name: ms for name, ms in spent.items() if not name.startswith("pg")}
+        if self.engine.dialect.name == "postgresql":
+            out["postgres"] = sum(ms for name, ms in spent.items() if name.startswith("pg"))
+        return out
 
 
 def _settings(data_dir: Path, database_url: str, redis_url: str, threads: int) -> Settings:
@@ -203,15 +240,16 @@ def measure(database: str, database_url: str, redis_url: str, args: argparse.Nam
                 for n in range(args.warmup):
                     client.message("warmup", n)
                 pids = {"client": None, "worker": worker.pid, "redis": client.redis.info("server")["process_id"]}
-                cpu_before = {name: _cpu_s(pid) for name, pid in pids.items()}
+                cpu = _CpuMeter(pids, client.engine)
                 # one message at a time, users in turn: conversations of messages / users turns each
                 latencies = sorted(client.message(f"solo{n % args.users}", n) for n in range(args.messages))
-                cpu_ms = {name: 1000 * (_cpu_s(pid) - cpu_before[name]) / args.messages for name, pid in pids.items()}
+                cpu_ms = cpu.per_message(args.messages)
                 started = time.perf_counter()
                 with ThreadPoolExecutor(args.users) as pool:
                     work = [pool.submit(_user, client, f"user{u}", args.per_user) for u in range(args.users)]
                     sent = sum(future.result() for future in work)
                 elapsed = time.perf_counter() - started
+                concurrent_cpu_ms = cpu.per_message(sent)
             finally:
                 client.close()
     return Result(
@@ -224,6 +262,7 @@ def measure(database: str, database_url: str, redis_url: str, args: argparse.Nam
         users=args.users,
         concurrent_messages=sent,
         cpu_ms=cpu_ms,
+        concurrent_cpu_ms=concurrent_cpu_ms,
     )
 
 
@@ -259,8 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "worker":
         return run_worker()
     print(f"machine: {_machine()}; worker threads: {args.threads}", flush=True)
-    print("| database | p50 ms | p99 ms | mean ms | messages | msg/s, concurrent users (messages) | CPU ms/message |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| database | p50 ms | p99 ms | mean ms | messages | msg/s, concurrent users (messages) | CPU ms/message "
+        "| CPU ms/message, concurrent |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     # one private Redis for every run: the client's Celery app keeps its broker connections
     with (
         tempfile.TemporaryDirectory() as folder,
@@ -277,10 +319,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print(result: Result) -> None:
     """One Markdown table row."""
-    cpu = ", ".join(f"{name} {ms:.1f}" for name, ms in result.cpu_ms.items())
+    cpu, concurrent = (", ".join(f"{name} {ms:.1f}" for name, ms in d.items()) for d in (result.cpu_ms, result.concurrent_cpu_ms))
     print(
         f"| {result.database} | {result.p50_ms:.1f} | {result.p99_ms:.1f} | {result.mean_ms:.1f} | {result.messages} | "
-        f"{result.throughput:.0f} with {result.users} users ({result.concurrent_messages}) | {cpu} |",
+        f"{result.throughput:.0f} with {result.users} users ({result.concurrent_messages}) | {cpu} | {concurrent} |",
         flush=True,
     )
 

@@ -40,6 +40,8 @@ __all__ = ["PLATFORM", "ConsoleFrontend", "run_console"]
 
 PLATFORM: Final = "console"
 QUIT: Final = frozenset({"/quit", "/exit"})
+HELP: Final = frozenset({"/help", "/start"})  # the chat service answers both with its command list
+CONSOLE_HELP: Final = "/quit (or /exit) leave the chat\n"  # the console's own command, after the shared ones
 
 
 @dataclass
@@ -83,7 +85,7 @@ class ConsoleFrontend:
         )
         outcome = self.service.handle(message)
         if isinstance(outcome, Answer):
-            self._write(outcome.text + "\n")
+            self._write(outcome.text + "\n" + (CONSOLE_HELP if text.strip().lower() in HELP else ""))
         elif isinstance(outcome, Refusal):
             self._write(f"! {outcome.reason}\n")
         elif isinstance(outcome, JobQueued):

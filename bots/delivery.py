@@ -11,7 +11,14 @@ is read instead: it gives the queue position, and the stored reply if the stream
 A reply's scene picture is a job of its own (``ImageFollows`` on the reply's stream): the reply's delivery follows
 it into the same place, with a progress line while it renders, the picture (its buttons drawn for the picture's
 job) captioned with the reply when the platform can, and the picture job recorded as delivered with the reply.
-A refused or failed picture is a line after the reply, which stays as it is.
+A refused or failed picture is a line after the reply, which stays as it is. A platform that can put a picture on
+a message it already posted (``attach_image``, Discord) gets the picture on the reply's last message, with the
+progress shown under the reply's words meanwhile, and an image job's picture on its own status line: no second
+message, unless the message was deleted meanwhile (then the picture is posted anew, with that message's text).
+
+Every platform message id is recorded as the renderer returned it: ``messages`` are the ones showing the reply's
+words, ``photos`` the ones showing a picture (an attached picture's id is in both), and once delivered the reply's
+``Message.platform_reply_ids`` lists them all and the picture job's ``delivery`` names its ``photos``.
 """
 
 from __future__ import annotations
@@ -91,6 +98,8 @@ class Renderer(Protocol):
     edit_interval: float  # seconds between two edits of one message
     action_interval: float  # seconds a chat action ("typing…") stays visible
     # Optional ``caption_limit: int``: a reply this short goes out as the caption of its scene picture.
+    # Optional ``async attach_image(message_id, data, text) -> str``: put the picture (and its buttons) on a posted
+    # message by editing it, the message then reading ``text``; raises MessageGone when that message is gone.
 
     def length(self, text: str) -> int:
         """Length of ``text`` in the platform's unit."""
@@ -198,12 +207,26 @@ class Deliveries:
             job.delivery = state
             return state
 
-    def adopt(self, picture_id: int, parent_id: int) -> None:
-        """A reply's picture is delivered with the reply: never on its own, not even after a restart."""
-        self.save(picture_id, {"parent": parent_id})
+    def adopt(
+        self, picture_id: int, parent_id: int, photos: list[str] | None = None, *, delivered: bool = False
+    ) -> None:
+        """A reply's picture is delivered with the reply: never on its own, not even after a restart.
+
+        Delivered, it records the messages that show it (what a button press wrote there, such as Accept, stays).
+        """
+        with self._sessions.begin() as session:
+            job = session.get(Job, picture_id)
+            if job is None:
+                return
+            job.delivery = {**(job.delivery or {}), "parent": parent_id, **({"photos": photos} if photos else {})}
+            if delivered:
+                job.delivered_at = utcnow()
 
     def save(self, job_id: int, state: dict[str, Any], *, delivered: bool = False) -> None:
-        """Write the delivery state (a fresh dict, so that the JSON column sees the change)."""
+        """Write the delivery state (a fresh dict, so that the JSON column sees the change).
+
+        Once delivered, the reply's message row lists the platform messages that show it.
+        """
         with self._sessions.begin() as session:
             job = session.get(Job, job_id)
             if job is None:
@@ -211,6 +234,10 @@ class Deliveries:
             job.delivery = dict(state)
             if delivered:
                 job.delivered_at = utcnow()
+                reply = session.get(Message, job.reply_message_id) if job.reply_message_id else None
+                if reply is not None:
+                    shown = [*state.get("messages", ()), *state.get("photos", ())]
+                    reply.platform_reply_ids = list(dict.fromkeys(shown))
 
     def snapshot(self, job_id: int) -> _Snapshot:
         """The job row's view of the job: state, queue position, stored reply and images."""
@@ -299,6 +326,7 @@ class _Run:
         self.pacer: EditPacer | None = None
         self.status_pacer: EditPacer | None = None
         self.drawing = target.kind is JobKind.IMAGE  # progress renders as a picture's status line
+        self.footer: EditPacer | None = None  # the progress under the reply's words, where its picture will go
         self._picture_renderer: Renderer | None = None
 
     async def run(self, initial: Progress | None = None) -> None:
@@ -458,6 +486,8 @@ class _Run:
         if self.state["images"]:
             return  # replayed after a restart: the picture is already there
         line = progress_text(progress)
+        if self._show_footer(line) or self.footer is not None:  # a line too long for the footer is skipped
+            return
         status = self.state.get("status")
         if status is None:
             status = await self._retrying(self.renderer.send_text, line)
@@ -468,17 +498,67 @@ class _Run:
             self.status_pacer = self._new_pacer(status, sent="")
         self.status_pacer.update(line)
 
+    def _attach_host(self) -> tuple[str, str] | None:
+        """The posted message a picture goes on, and the text it keeps; None where it is posted as a new message.
+
+        Only for platforms with ``attach_image``: a reply's picture goes on the reply's last message, which keeps its
+        words; an image job's picture on its status line, which loses its text.
+        """
+        if not hasattr(self.renderer, "attach_image"):
+            return None
+        if self.target.kind is not JobKind.CHAT:
+            status = self.state.get("status")
+            return (status, "") if status is not None else None
+        source = self.state["carry"] + self.text[self.state["offset"] :]
+        words = take_chunk(source, self.renderer.limit, self.renderer.length)[0] if source.strip() else ""
+        return (self.state["messages"][-1], words) if self.state["messages"] and words else None
+
+    def _show_footer(self, line: str) -> bool:
+        """Show a picture's progress (with "": nothing) under the reply's last message; False where it can't."""
+        host = self._attach_host() if self.target.kind is JobKind.CHAT and "status" not in self.state else None
+        if host is None:
+            return False
+        message_id, words = host
+        text = f"{words}\n\n{line}" if line else words
+        if self.renderer.length(text) > self.renderer.limit:
+            return False
+        if self.footer is None:
+            self.footer = self._new_pacer(message_id, sent=words)
+        self.footer.update(text)
+        return True
+
+    async def _attached(self, message_id: str, text: str, data: bytes) -> str:
+        """The picture put on a posted message by editing it, or posted anew with that text if the message is gone."""
+        for pacer in (self.footer, self.status_pacer):  # the progress shown on that message stops here
+            if pacer is not None:
+                await pacer.cancel()
+        self.footer = None
+        renderer = self._image_renderer()
+        try:
+            photo_id = await self._retrying(renderer.attach_image, message_id, data, text)  # type: ignore[attr-defined]
+        except MessageGone:
+            log.info("job %s: message %s is gone; the picture goes to a new one", self.target.job_id, message_id)
+            photo_id = await self._retrying(renderer.send_image, data, text)
+            if self.target.kind is JobKind.CHAT:  # the new message shows those words now
+                self.state["messages"] = [*self.state["messages"][:-1], photo_id]
+        if self.target.kind is not JobKind.CHAT:
+            self.state.pop("status", None)  # the status line became the picture (or was gone)
+        self.status_pacer = None
+        return photo_id
+
     async def _show_image(self, key: str) -> None:
         if key in self.state["images"]:
             return
-        caption = ""
-        if self.target.kind is JobKind.CHAT:
-            if not self.drawing:  # a reply's picture job: the words are final already
-                await self._show_text(final=True)  # the words first, then the scene they describe
-            caption = self._caption()
+        if self.target.kind is JobKind.CHAT and not self.drawing:  # a reply's picture job: the words are final
+            await self._show_text(final=True)  # the words first, then the scene they describe
         data = await asyncio.to_thread(self.owner.read_image, key)
         self.action = "upload_photo"
-        photo_id = await self._retrying(self._image_renderer().send_image, data, caption)
+        host = self._attach_host()
+        caption = self._caption() if host is None and self.target.kind is JobKind.CHAT else ""
+        if host is not None:
+            photo_id = await self._attached(*host, data)
+        else:
+            photo_id = await self._retrying(self._image_renderer().send_image, data, caption)
         self.state["images"] = [*self.state["images"], key]
         self.state["photos"] = [*self.state["photos"], photo_id]
         if caption:  # the photo now carries the words: the streamed message goes, and no text follows
@@ -549,6 +629,15 @@ class _Run:
         line = f"⚠️ {error}"
         if self.drawing and self.target.kind is JobKind.CHAT:  # a picture failed: the reply stands as it is
             line = f"⚠️ The picture could not be made: {error}"
+            if self.footer is not None:  # the progress under the reply becomes the error, or goes if it won't fit
+                shown = self._show_footer(line)
+                if not shown:
+                    self._show_footer("")
+                await self.footer.flush()
+                self.footer = None
+                if shown:
+                    await self._save(delivered=True)
+                    return
             self.state["live_done"] = True
         elif self.text.strip():
             await self._show_text(final=True)
@@ -572,7 +661,8 @@ class _Run:
         await asyncio.to_thread(self.owner.save, self.target.job_id, self.state, delivered=delivered)
         picture = self.state.get("picture")
         if delivered and picture is not None and self.target.kind is JobKind.CHAT:
-            await asyncio.to_thread(self.owner.save, int(picture), {"parent": self.target.job_id}, delivered=True)
+            photos = list(self.state["photos"])
+            await asyncio.to_thread(self.owner.adopt, int(picture), self.target.job_id, photos, delivered=True)
 
     async def _retrying(self, call: Callable[..., Any], *args: Any) -> str:
         """A send that honours the platform's retry-after (edits are paced by EditPacer instead)."""

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal, TypeAlias
 
-from sqlalchemy import update
+from sqlalchemy import bindparam, func, select, update
 
 from core import memory
 from core.db import repositories as repo
@@ -73,6 +73,7 @@ COMMANDS: Final[dict[str, str]] = {
     "characters": "list the characters you can talk to",
     "use": "NAME: talk to another character",
     "imagine": "PROMPT: ask the character for a picture",
+    "regenerate": "[N]: draw your last picture here again (or picture N), with a new seed",
     "reset": "start the conversation over",
     "remember": "TEXT: pin a fact the character keeps about you",
     "memory": "what the character remembers of you",
@@ -83,6 +84,11 @@ COMMANDS: Final[dict[str, str]] = {
 }
 
 
+_LATEST_PICTURE: Final = (
+    select(func.max(Job.id))
+    .join(Conversation, Conversation.id == Job.conversation_id)
+    .where(Job.kind == JobKind.IMAGE, Job.user_id == bindparam("user_id"), Conversation.chat_id == bindparam("chat_id"))
+)
 _COMMAND: Final = re.compile(r"/([A-Za-z0-9_]+)(?:@\w+)?(?:\s+(.*))?\Z", re.S)  # "/help@MyBot" in Telegram groups
 
 
@@ -102,6 +108,9 @@ class _Who:
     user: User
     chat: Chat
     character: Character | None
+
+
+_NO_CHARACTER: Final = "No character is available yet: an admin has to add one first."
 
 
 def _ordinal(n: int) -> str:
@@ -178,12 +187,20 @@ class ChatService:
     def _who(self, session: Session, message: IncomingMessage) -> _Who:
         user = repo.get_or_create_user(session, message.platform, message.user_id, message.display_name)
         chat = repo.get_or_create_chat(session, message.platform, message.chat_id, message.is_group)
-        character = repo.resolve_character(session, user, chat, self.settings.default_character)
+        character = self._addressed(session, message) or repo.resolve_character(
+            session, user, chat, self.settings.default_character
+        )
         return _Who(user, chat, character)
+
+    @staticmethod
+    def _addressed(session: Session, message: IncomingMessage) -> Character | None:
+        """The published character a frontend addressed the message to (``IncomingMessage.character_id``), if any."""
+        character = session.get(Character, message.character_id) if message.character_id is not None else None
+        return character if character is not None and character.status == "published" else None
 
     def _conversation(self, session: Session, who: _Who) -> Conversation:
         if who.character is None:
-            raise _Refused("No character is available yet: an admin has to add one first.")
+            raise _Refused(_NO_CHARACTER)
         return repo.active_conversation(session, who.user.id, who.character.id, who.chat.id)
 
     def _queue(
@@ -191,19 +208,45 @@ class ChatService:
     ) -> ChatOutcome:
         """Store the user's turn and its job in one transaction, then dispatch after commit."""
         with self.sessionmaker.begin() as session:
-            who = self._who(session, message)
-            conversation = self._conversation(session, who)
-            if repo.count_open_jobs(session, who.user.id) >= self.settings.max_open_jobs:
+            turn = self._turn(session, message, kind)
+            if turn.character_id is None:
+                raise _Refused(_NO_CHARACTER)
+            if turn.open_jobs >= self.settings.max_open_jobs:
                 raise _Refused(
                     f"You already have {self.settings.max_open_jobs} requests in progress; "
                     "please wait for one to finish (/status shows them)."
                 )
             if kind is JobKind.IMAGE:
-                params = self._picture_params(session, who, params)
-            turn = repo.add_message(session, conversation, "user", text, images, message.message_id)
-            job = repo.create_job(session, kind, who.user.id, conversation.id, turn.id, params)
-            outcome = JobQueued(job.id, kind, position(session, job.id), who.character.name)  # type: ignore[union-attr]
+                chat, character = session.get_one(Chat, turn.chat_id), session.get_one(Character, turn.character_id)
+                params = self._picture_params(session, turn.user_id, chat, character, params)
+            conversation_id = turn.conversation_id or repo.start_conversation(
+                session, turn.user_id, turn.character_id, turn.chat_id
+            )
+            message_id = repo.insert_message(session, conversation_id, "user", text, images, message.message_id)
+            job_id = repo.insert_job(session, kind, turn.user_id, conversation_id, message_id, params)
+            # the queue's jobs were counted in this transaction, before this one joined at its end
+            outcome = JobQueued(job_id, kind, turn.queued + 1, turn.character_name or "")
         return self._dispatched(outcome)
+
+    def _turn(self, session: Session, message: IncomingMessage, kind: JobKind) -> repo.Turn:
+        """The message's user, chat, character, conversation and job counts; a first contact creates the rows."""
+        args = (session, message.platform, message.user_id, message.chat_id, kind, self.settings.default_character)
+        turn = repo.resolve_turn(*args)
+        if turn is None:  # a new user or chat
+            self._who(session, message)
+            session.flush()
+            turn = repo.resolve_turn(*args)
+            if turn is None:  # the rows were created just now
+                raise LookupError(f"user {message.user_id} or chat {message.chat_id} vanished while being created")
+        elif message.display_name and turn.display_name != message.display_name:
+            repo.rename_user(session, turn.user_id, message.display_name)
+        addressed = self._addressed(session, message)
+        if addressed is not None and addressed.id != turn.character_id:
+            conversation = repo.active_conversation(session, turn.user_id, addressed.id, turn.chat_id)
+            turn = turn._replace(
+                character_id=addressed.id, character_name=addressed.name, conversation_id=conversation.id
+            )
+        return turn
 
     def _dispatched(self, outcome: JobQueued) -> JobQueued:
         """Send the committed job to its queue; when that fails the job row is the truth: the sweeper re-sends it."""
@@ -213,15 +256,17 @@ class ChatService:
             logger.warning("dispatching job %s failed; the sweeper will re-send it", outcome.job_id, exc_info=True)
         return outcome
 
-    def _picture_params(self, session: Session, who: _Who, params: dict[str, object]) -> dict[str, object]:
+    def _picture_params(
+        self, session: Session, user_id: int, chat: Chat, character: Character, params: dict[str, object]
+    ) -> dict[str, object]:
         """A picture's params with its chat, a new seed and the sampler settings; refused by ``check_request``."""
         reason = check_request(
-            session, self.settings, prompt=str(params.get("prompt", "")), user_id=who.user.id, chat=who.chat,
-            character=who.character,  # type: ignore[arg-type]
+            session, self.settings, prompt=str(params.get("prompt", "")), user_id=user_id, chat=chat,
+            character=character,
         )
         if reason is not None:
             raise _Refused(reason)
-        return {**params, "chat_id": who.chat.id, **sampler_params(self.settings, new_seed())}
+        return {**params, "chat_id": chat.id, **sampler_params(self.settings, new_seed())}
 
     def _chat(self, message: IncomingMessage, text: str) -> ChatOutcome:
         if not text and not message.attachments:
@@ -252,6 +297,10 @@ class ChatService:
         """A new variation of a picture: the same scene and settings, a new seed; only its requester may ask."""
         with self.sessionmaker.begin() as session:
             who = self._who(session, message)
+            if not arg:  # no number: the user's latest picture in this chat
+                arg = str(session.scalar(_LATEST_PICTURE, {"user_id": who.user.id, "chat_id": who.chat.id}) or "")
+                if not arg:
+                    raise _Refused("You have no picture here to draw again; ask for one with /imagine PROMPT.")
             job = session.get(Job, int(arg)) if arg.isdigit() else None
             if job is None or job.kind is not JobKind.IMAGE or job.user_id != who.user.id:
                 raise _Refused("Only the person who asked for this picture can redraw it.")
@@ -262,8 +311,9 @@ class ChatService:
             if repo.count_open_jobs(session, who.user.id) >= self.settings.max_open_jobs:
                 raise _Refused(f"You already have {self.settings.max_open_jobs} requests in progress; please wait.")
             old = dict(job.params)
-            who = _Who(who.user, session.get(Chat, conversation.chat_id) or who.chat, character)
-            params = {**self._picture_params(session, who, old), **{k: v for k, v in old.items() if k != "seed"}}
+            chat = session.get(Chat, conversation.chat_id) or who.chat
+            fresh = self._picture_params(session, who.user.id, chat, character, old)
+            params = {**fresh, **{k: v for k, v in old.items() if k != "seed"}}
             new = repo.create_job(
                 session, JobKind.IMAGE, who.user.id, conversation.id, job.request_message_id, params
             )
@@ -303,7 +353,7 @@ class ChatService:
         with self.sessionmaker.begin() as session:
             who = self._who(session, message)
             if who.character is None:
-                raise _Refused("No character is available yet: an admin has to add one first.")
+                raise _Refused(_NO_CHARACTER)
             repo.close_conversation(session, who.user.id, who.character.id, who.chat.id)
             greeting = self._greet_if_new(session, who)
             reply = f"Your conversation with {who.character.name} starts over."

@@ -85,6 +85,7 @@ class IncomingMessage:
     display_name: str = ""
     is_group: bool = False
     reply_to_message_id: str | None = None
+    character_id: int | None = None  # the character a frontend addressed (a reply to its message); None: the chat's
 
 
 @dataclass(frozen=True, slots=True)

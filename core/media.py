@@ -3,8 +3,10 @@
 Uploaded bytes are never trusted or kept as sent: :func:`validate_image` sniffs the content (not the file name),
 refuses oversized files and decompression bombs before decoding pixels, decodes for real, applies the EXIF
 orientation, and re-encodes (JPEG stays JPEG, everything else becomes PNG), which drops every metadata block
-(EXIF with GPS, comments, ICC). :class:`FileStore` keeps blobs under their sha256, written atomically, so a
-duplicate upload costs nothing and a half-written file is never visible.
+(EXIF with GPS, comments, ICC). Chat pictures may be PNG, JPEG, WebP or GIF (its first frame); a character's
+training pictures (/newcharacter, issue 7) only PNG, JPEG or WebP (``TRAINING_FORMATS``). :class:`FileStore` keeps
+blobs under their sha256, written atomically, so a duplicate upload costs nothing and a half-written file is never
+visible.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Final, Literal
@@ -25,9 +27,19 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 if TYPE_CHECKING:
     from core.config import Settings
 
-__all__ = ["MediaError", "ValidatedImage", "validate_image", "FileStore", "ACCEPTED_FORMATS"]
+__all__ = [
+    "ACCEPTED_FORMATS",
+    "TRAINING_FORMATS",
+    "FileStore",
+    "MediaError",
+    "ValidatedImage",
+    "format_names",
+    "validate_image",
+]
 
 ACCEPTED_FORMATS: Final = ("PNG", "JPEG", "WEBP", "GIF")
+TRAINING_FORMATS: Final = ("PNG", "JPEG", "WEBP")  # a character's source pictures: stills only
+_SPELLING: Final = {"WEBP": "WebP"}
 _KEY = re.compile(r"^[0-9a-f]{64}(\.[a-z0-9]{1,12})?$")
 
 
@@ -69,8 +81,14 @@ def _has_alpha(image: Image.Image) -> bool:
     return image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
 
 
-def validate_image(data: bytes, settings: Settings) -> ValidatedImage:
-    """Decode and normalise an uploaded image, or raise MediaError saying why it was refused."""
+def format_names(formats: Sequence[str]) -> str:
+    """Pillow's format names as people write them: "PNG, JPEG or WebP"."""
+    names = [_SPELLING.get(name, name) for name in formats]
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
+
+
+def validate_image(data: bytes, settings: Settings, formats: Sequence[str] = ACCEPTED_FORMATS) -> ValidatedImage:
+    """Decode and normalise an uploaded image in one of ``formats``, or raise MediaError saying why it was refused."""
     if not data:
         raise MediaError("The file is empty.")
     if len(data) > settings.max_upload_bytes:
@@ -81,8 +99,11 @@ def validate_image(data: bytes, settings: Settings) -> ValidatedImage:
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
         if isinstance(error, Image.DecompressionBombError):
             raise MediaError("The image has too many pixels.") from None
-        raise MediaError("This file is not an image I can read: send a PNG, JPEG, WebP or GIF.") from None
+        raise MediaError(f"This file is not an image I can read: send a {format_names(formats)}.") from None
     source_format = image.format
+    if source_format not in formats:  # a GIF where only stills are taken
+        found = format_names([source_format or "?"])
+        raise MediaError(f"A {found} image can't be used here: send a {format_names(formats)}.")
     width, height = image.size
     if width < 1 or height < 1 or width * height > settings.max_image_pixels:  # the decompression-bomb guard
         raise MediaError(f"The image has too many pixels: the limit is {settings.max_image_pixels:,}.")

@@ -16,7 +16,9 @@ character in one chat; /reset closes it). The parts:
   places and objects the user mentions again, which exact terms find well; because it needs no second model on
   the GPU nor vectors in the database (PostgreSQL and SQLite alike); and because it is fast: a query reads only
   the postings of the message's rarer terms through one index, a few milliseconds for a 10,000-turn history.
-  The index catches up lazily (new turns of the chat are indexed on the next recall), so writers need not know it.
+  A reply indexes its own turns in its transaction (:func:`index_reply`) once the window is about to be full, so
+  reading memory writes nothing; :func:`index_chat` catches a chat up (turns written by others, a window filling
+  for the first time), so other writers need not know the index.
 - **Presence**: a character knows only what was said where it was present. Summaries and extracted facts are
   per conversation/chat; recall reads only the current chat: in a direct chat, the current conversation; in a
   group, every open conversation there from the first turn this character took part in (it has been in the
@@ -38,9 +40,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import Float, Select, String, Table, bindparam, case, cast, delete, event, func, select, update
+from sqlalchemy import Float, Select, String, Table, bindparam, case, cast, delete, event, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import aliased
 from sqlalchemy.orm.util import identity_key
 
 from core.db.models import (
@@ -73,6 +74,8 @@ __all__ = [
     "SummaryRequest",
     "terms",
     "index_chat",
+    "index_due",
+    "index_reply",
     "window",
     "recall",
     "facts",
@@ -136,6 +139,9 @@ class MemoryContext:
     pinned: list[str]
     extracted: list[str]
     recalled: list[Turn]  # most relevant first
+    # turns that leave the window unsummarised once the reply is stored (at least summary_every when more);
+    # None where the turns read do not tell (a group chat): summary_due then asks the database
+    unsummarised: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,14 +179,14 @@ def _unindexed_statement() -> Select[tuple[int, int, str]]:
     """The chat's turns after the newest indexed one, and among its last RESCAN_TURNS, that have no postings."""
     chat_id = bindparam("chat_id")
     last = (
-        select(func.max(MessageTerm.message_id))
-        .where(MessageTerm.chat_id == chat_id, MessageTerm.term == DOCUMENT)
+        select(func.max(_TERMS.message_id))
+        .where(_TERMS.chat_id == chat_id, _TERMS.term == DOCUMENT)
         .scalar_subquery()
     )
     recent = (
-        select(Message.id)
-        .where(Message.chat_id == chat_id)
-        .order_by(Message.id.desc())
+        select(_MESSAGES.id)
+        .where(_MESSAGES.chat_id == chat_id)
+        .order_by(_MESSAGES.id.desc())
         .offset(RESCAN_TURNS)
         .limit(1)
         .scalar_subquery()
@@ -188,11 +194,16 @@ def _unindexed_statement() -> Select[tuple[int, int, str]]:
     # -1: from the chat's first turn (nothing indexed yet, or a short chat)
     bounds = select(func.coalesce(last, -1).label("last"), func.coalesce(recent, -1).label("recent")).subquery()
     floor = select(case((bounds.c.last < bounds.c.recent, bounds.c.last), else_=bounds.c.recent)).scalar_subquery()
-    marker = aliased(MessageTerm)
+    marker = MessageTerm.__table__.alias()
     return (
-        select(Message.id, Message.conversation_id, Message.text)
-        .outerjoin(marker, (marker.message_id == Message.id) & (marker.term == DOCUMENT))
-        .where(Message.chat_id == chat_id, Message.id > floor, Message.role.in_(TURN_ROLES), marker.message_id.is_(None))
+        select(_MESSAGES.id, _MESSAGES.conversation_id, _MESSAGES.text)
+        .outerjoin(marker, (marker.c.message_id == _MESSAGES.id) & (marker.c.term == DOCUMENT))
+        .where(
+            _MESSAGES.chat_id == chat_id,
+            _MESSAGES.id > floor,
+            _TURN_ROLE,
+            marker.c.message_id.is_(None),
+        )
     )
 
 
@@ -203,6 +214,12 @@ def index_chat(session: Session, chat_id: int) -> int:
     than one already indexed) is caught that way.
     """
     rows = session.execute(_UNINDEXED, {"chat_id": chat_id}).all()
+    _index(session, chat_id, rows)
+    return len(rows)
+
+
+def _index(session: Session, chat_id: int, rows: Iterable[tuple[int, int, str]]) -> None:
+    """Postings of ``(message id, conversation id, text)`` turns of the chat; turns indexed already are skipped."""
     postings = []
     for message_id, conversation_id, text in rows:
         counts = Counter(terms(text))
@@ -216,7 +233,38 @@ def index_chat(session: Session, chat_id: int) -> int:
     if postings:  # another worker may index the same turns at the same time: the first one wins
         connection = session.connection()  # Core executemany: the ORM's bulk path costs more than the rows
         connection.execute(_INSERTS[connection.dialect.name](MessageTerm).on_conflict_do_nothing(), postings)
-    return len(rows)
+
+
+def index_reply(
+    session: Session,
+    conversation: Conversation,
+    context: MemoryContext,
+    new_message: Message,
+    reply_id: int | None,
+    reply: str,
+    settings: Settings,
+) -> None:
+    """In the reply's transaction, when :func:`index_due`: index what the next replies will recall.
+
+    In a direct chat whose window is full, the earlier turns were indexed by earlier replies: only the turns
+    since the last reply (the new message, and any a failed job left) and the reply itself are added, from
+    text in hand, with no query. Otherwise (the window fills for the first time, or a group chat, where
+    others' turns count too) the chat catches up with :func:`index_chat`.
+    """
+    if not index_due(context, settings):
+        return
+    if context.unsummarised is None or len(context.window) < settings.history_messages:  # None: a group chat
+        index_chat(session, conversation.chat_id)
+        return
+    since = []
+    for turn in reversed(context.window):
+        if turn.role != "user":
+            break
+        since.append((turn.message_id, conversation.id, turn.text))
+    since.append((new_message.id, conversation.id, new_message.text))
+    if reply_id is not None:
+        since.append((reply_id, conversation.id, reply))
+    _index(session, conversation.chat_id, since)
 
 
 # --- reading memory -----------------------------------------------------------------------------------------
@@ -239,7 +287,11 @@ def _speakers(session: Session, conversation_ids: Iterable[int]) -> dict[int, tu
     return known
 
 
-_TURN_COLUMNS: Final = (Message.id, Message.conversation_id, Message.role, Message.text)
+# The reply's statements name table columns: plain rows through SQLAlchemy Core, no ORM loading.
+_MESSAGES, _TERMS, _MEMORIES = Message.__table__.c, MessageTerm.__table__.c, Memory.__table__.c
+_CONVERSATIONS, _USERS, _CHARACTERS, _JOBS = (m.__table__.c for m in (Conversation, User, Character, Job))
+_TURN_ROLE: Final = or_(*(_MESSAGES.role == role for role in TURN_ROLES))  # not IN: that is rendered per execution
+_TURN_COLUMNS: Final = (_MESSAGES.id, _MESSAGES.conversation_id, _MESSAGES.role, _MESSAGES.text)
 
 
 def _turns(session: Session, rows: Sequence[Any]) -> list[Turn]:
@@ -268,36 +320,41 @@ def _scope(session: Session, conversation: Conversation) -> tuple[list[int], int
     return list(open_ids), arrived or 0
 
 
+def _window_rows(
+    session: Session, conversation_ids: list[int], arrived: int, before_id: int | None, limit: int
+) -> list[Any]:
+    """The last ``limit`` turns of ``conversation_ids`` from ``arrived`` and before ``before_id``, oldest first."""
+    params = {"conversations": conversation_ids, "arrived": arrived, "before": before_id or _NO_END, "limit": limit}
+    return list(reversed(session.execute(_WINDOW, params).all()))
+
+
 def window(session: Session, conversation: Conversation, before_id: int | None, limit: int) -> list[Turn]:
     """The last ``limit`` turns this character heard in the chat before ``before_id``, oldest first."""
-    conversation_ids, arrived = _scope(session, conversation)
-    params = {"conversations": conversation_ids, "arrived": arrived, "before": before_id or _NO_END, "limit": limit}
-    rows = session.execute(_WINDOW, params).all()
-    return _turns(session, list(reversed(rows)))
+    return _turns(session, _window_rows(session, *_scope(session, conversation), before_id, limit))
 
 
 def _heard() -> tuple[ColumnElement[bool], ...]:
     """Postings of the turns the character heard: bound ``chat_id``, ``conversations``, ``arrived``, ``before``."""
     return (
-        MessageTerm.chat_id == bindparam("chat_id"),
-        MessageTerm.conversation_id.in_(bindparam("conversations", expanding=True)),
-        MessageTerm.message_id >= bindparam("arrived"),
-        MessageTerm.message_id < bindparam("before"),
+        _TERMS.chat_id == bindparam("chat_id"),
+        _TERMS.conversation_id.in_(bindparam("conversations", expanding=True)),
+        _TERMS.message_id >= bindparam("arrived"),
+        _TERMS.message_id < bindparam("before"),
     )
 
 
 def _bm25_statement() -> Select[tuple[int, float]]:
     """Top turns by BM25 over the postings of up to QUERY_TERMS terms, summed by the database."""
     terms_ = [bindparam(f"t{i}", type_=String) for i in range(QUERY_TERMS)]
-    idf = case(*((MessageTerm.term == t, bindparam(f"w{i}", type_=Float)) for i, t in enumerate(terms_)), else_=0.0)
-    tf = MessageTerm.count * 1.0
-    norm = tf + _BM25_K1 * (1 - _BM25_B + _BM25_B * MessageTerm.length / bindparam("average", type_=Float))
+    idf = case(*((_TERMS.term == t, bindparam(f"w{i}", type_=Float)) for i, t in enumerate(terms_)), else_=0.0)
+    tf = _TERMS.count * 1.0
+    norm = tf + _BM25_K1 * (1 - _BM25_B + _BM25_B * _TERMS.length / bindparam("average", type_=Float))
     score = func.sum(idf * tf * (_BM25_K1 + 1) / norm).label("score")
     return (
-        select(MessageTerm.message_id, score)
-        .where(MessageTerm.term.in_(terms_), *_heard())
-        .group_by(MessageTerm.message_id)
-        .order_by(score.desc(), MessageTerm.message_id.desc())
+        select(_TERMS.message_id, score)
+        .where(_TERMS.term.in_(terms_), *_heard())
+        .group_by(_TERMS.message_id)
+        .order_by(score.desc(), _TERMS.message_id.desc())
         .limit(bindparam("limit"))
     )
 
@@ -307,58 +364,68 @@ _UNINDEXED = _unindexed_statement()
 _WINDOW = (
     select(*_TURN_COLUMNS)
     .where(
-        Message.conversation_id.in_(bindparam("conversations", expanding=True)),
-        Message.id >= bindparam("arrived"),
-        Message.id < bindparam("before"),
-        Message.role.in_(TURN_ROLES),
+        _MESSAGES.conversation_id.in_(bindparam("conversations", expanding=True)),
+        _MESSAGES.id >= bindparam("arrived"),
+        _MESSAGES.id < bindparam("before"),
+        _TURN_ROLE,
     )
-    .order_by(Message.id.desc())
+    .order_by(_MESSAGES.id.desc())
     .limit(bindparam("limit"))
 )
 _TERM_STATS = (
-    select(MessageTerm.term, func.count(), func.sum(MessageTerm.length))
-    .where(MessageTerm.term.in_(bindparam("terms", expanding=True)), *_heard())
-    .group_by(MessageTerm.term)
+    select(_TERMS.term, func.count(), func.sum(_TERMS.length))
+    .where(_TERMS.term.in_(bindparam("terms", expanding=True)), *_heard())
+    .group_by(_TERMS.term)
 )
-_BM25 = _bm25_statement()
-_TURNS_BY_ID = select(*_TURN_COLUMNS).where(Message.id.in_(bindparam("ids", expanding=True)))
+_BM25_TOP = _bm25_statement().subquery()
+_BM25 = (  # the best turns themselves, best first, in the same statement
+    select(*_TURN_COLUMNS)
+    .join(_BM25_TOP, _BM25_TOP.c.message_id == _MESSAGES.id)
+    .order_by(_BM25_TOP.c.score.desc(), _MESSAGES.id.desc())
+)
 _SPEAKERS = (
-    select(Conversation.id, User.display_name, Character.name)
-    .join(User, User.id == Conversation.user_id)
-    .join(Character, Character.id == Conversation.character_id)
-    .where(Conversation.id.in_(bindparam("ids", expanding=True)))
+    select(_CONVERSATIONS.id, _USERS.display_name, _CHARACTERS.name)
+    .join(User.__table__, _USERS.id == _CONVERSATIONS.user_id)
+    .join(Character.__table__, _CHARACTERS.id == _CONVERSATIONS.character_id)
+    .where(_CONVERSATIONS.id.in_(bindparam("ids", expanding=True)))
 )
 _FACTS = (
     select(Memory)
     .where(
-        Memory.user_id == bindparam("user_id"),
-        Memory.character_id == bindparam("character_id"),
-        (Memory.kind == PINNED) | ((Memory.kind == EXTRACTED) & (Memory.chat_id == bindparam("chat_id"))),
+        _MEMORIES.user_id == bindparam("user_id"),
+        _MEMORIES.character_id == bindparam("character_id"),
+        (_MEMORIES.kind == PINNED) | ((_MEMORIES.kind == EXTRACTED) & (_MEMORIES.chat_id == bindparam("chat_id"))),
     )
-    .order_by(Memory.id)
+    .order_by(_MEMORIES.id)
 )
 _SUMMARY = (
     select(Memory)
-    .where(Memory.conversation_id == bindparam("conversation_id"), Memory.kind == SUMMARY)
-    .order_by(Memory.covers_until_message_id.desc(), Memory.id.desc())
+    .where(_MEMORIES.conversation_id == bindparam("conversation_id"), _MEMORIES.kind == SUMMARY)
+    .order_by(_MEMORIES.covers_until_message_id.desc(), _MEMORIES.id.desc())
     .limit(1)
 )
-_FACTS_AND_SUMMARIES = (  # what a reply reads of both, in one statement
-    select(Memory)
+_FACTS_AND_SUMMARIES = (  # what a reply reads of both, in one statement, as plain rows
+    select(Memory.__table__)
     .where(
         _FACTS.whereclause  # type: ignore[arg-type]
-        | ((Memory.conversation_id == bindparam("conversation_id")) & (Memory.kind == SUMMARY))
+        | ((_MEMORIES.conversation_id == bindparam("conversation_id")) & (_MEMORIES.kind == SUMMARY))
     )
-    .order_by(Memory.id)
+    .order_by(_MEMORIES.id)
 )
 
 
-def recall(session: Session, conversation: Conversation, query: str, *, before_id: int, limit: int) -> list[Turn]:
-    """Up to ``limit`` turns heard before ``before_id`` that best match ``query`` (BM25), best first."""
+def recall(
+    session: Session, conversation: Conversation, query: str, *, before_id: int, limit: int, index: bool = True
+) -> list[Turn]:
+    """Up to ``limit`` turns heard before ``before_id`` that best match ``query`` (BM25), best first.
+
+    ``index=False`` reads the index as it is (a read-only transaction; see :func:`index_due`).
+    """
     wanted = set(terms(query))
     if limit <= 0 or not wanted:
         return []
-    index_chat(session, conversation.chat_id)
+    if index:
+        index_chat(session, conversation.chat_id)
     conversation_ids, arrived = _scope(session, conversation)
     scope = {"chat_id": conversation.chat_id, "conversations": conversation_ids, "arrived": arrived, "before": before_id}
     stats = session.execute(_TERM_STATS, {"terms": [*wanted, DOCUMENT], **scope}).all()
@@ -380,10 +447,7 @@ def recall(session: Session, conversation: Conversation, query: str, *, before_i
         term = chosen[i] if i < len(chosen) else _NO_TERM
         params[f"t{i}"] = term
         params[f"w{i}"] = math.log(1 + (total - df[term] + 0.5) / (df[term] + 0.5)) if term in df else 0.0
-    best = session.execute(_BM25, params).all()
-    rank = {message_id: i for i, (message_id, _) in enumerate(best)}
-    rows = session.execute(_TURNS_BY_ID, {"ids": list(rank)}).all()
-    return sorted(_turns(session, rows), key=lambda turn: rank[turn.message_id])
+    return _turns(session, session.execute(_BM25, params).all())
 
 
 def facts(session: Session, user_id: int, character_id: int, chat_id: int) -> list[Memory]:
@@ -398,39 +462,67 @@ def latest_summary(session: Session, conversation_id: int) -> Memory | None:
 
 
 def memory_context(
-    session: Session, conversation: Conversation, new_message: Message, settings: Settings
+    session: Session, conversation: Conversation, new_message: Message, settings: Settings, *, index: bool = True
 ) -> MemoryContext:
-    """What memory adds to the reply to ``new_message`` (already stored in the conversation)."""
-    recent = window(session, conversation, new_message.id, settings.history_messages)
+    """What memory adds to the reply to ``new_message`` (already stored in the conversation).
+
+    In a direct chat the window is read ``summary_every`` turns deeper: those tell whether the reply makes a
+    rolling summary due, so that the reply's transaction need not ask. ``index=False`` writes nothing: the
+    caller indexes the chat in the reply's transaction when :func:`index_due` says so.
+    """
+    conversation_ids, arrived = _scope(session, conversation)
+    direct = conversation_ids == [conversation.id]
+    size = settings.history_messages
+    rows = _window_rows(
+        session, conversation_ids, arrived, new_message.id, size + (settings.summary_every if direct else 0)
+    )
+    recent = _turns(session, rows[-size:])
     params = {
         "user_id": conversation.user_id, "character_id": conversation.character_id,
         "chat_id": conversation.chat_id, "conversation_id": conversation.id,
     }
-    rows = session.scalars(_FACTS_AND_SUMMARIES, params).all()
-    summaries = [m for m in rows if m.kind == SUMMARY]  # as latest_summary orders them
+    memories = session.execute(_FACTS_AND_SUMMARIES, params).all()
+    summaries = [m for m in memories if m.kind == SUMMARY]  # as latest_summary orders them
     summary = max(summaries, key=lambda m: (m.covers_until_message_id or 0, m.id), default=None)
-    known = sorted((m for m in rows if m.kind != SUMMARY), key=lambda m: m.kind != PINNED)  # as facts() does
+    known = sorted((m for m in memories if m.kind != SUMMARY), key=lambda m: m.kind != PINNED)  # as facts() does
     # a window with room to spare holds every turn heard so far: nothing older is left to recall (nor to index yet)
-    fits = len(recent) < settings.history_messages
+    fits = len(recent) < size
     floor = recent[0].message_id if recent else new_message.id
     limit = 0 if fits else settings.recall_turns
-    recalled = recall(session, conversation, new_message.text, before_id=floor, limit=limit)
+    recalled = recall(session, conversation, new_message.text, before_id=floor, limit=limit, index=index)
+    covered = (summary.covers_until_message_id or 0) if summary else 0
     return MemoryContext(
         window=recent,
         summary=summary.text if summary else "",
         pinned=[m.text for m in known if m.kind == PINNED],
         extracted=[m.text for m in known if m.kind == EXTRACTED],
         recalled=recalled,
+        unsummarised=_left_window(rows, covered, size) if direct else None,
     )
+
+
+def index_due(context: MemoryContext, settings: Settings) -> bool:
+    """Whether the next reply's window will be full (so it recalls): the chat is indexed with this reply then.
+
+    Indexing with the reply keeps the reading of memory free of writes; recall only searches turns older than
+    the window, and those were indexed by an earlier reply.
+    """
+    return settings.recall_turns > 0 and len(context.window) + 2 >= settings.history_messages
+
+
+def _left_window(rows: Sequence[Any], covered: int, size: int) -> int:
+    """Turns of ``rows`` (the newest before the new message, oldest first) past ``covered`` that fall out of a
+    ``size``-turn window once the new message and its reply are stored; as _unsummarised and _PENDING count them."""
+    return sum(1 for row in rows[: max(0, len(rows) + 2 - size)] if row.id > covered)
 
 
 # --- rolling summaries (the SUMMARY job) -------------------------------------------------------------------
 
 
 _BOUNDARY = (
-    select(Message.id)
-    .where(Message.conversation_id == bindparam("conversation_id"), Message.role.in_(TURN_ROLES))
-    .order_by(Message.id.desc())
+    select(_MESSAGES.id)
+    .where(_MESSAGES.conversation_id == bindparam("conversation_id"), _TURN_ROLE)
+    .order_by(_MESSAGES.id.desc())
     .offset(bindparam("window"))
     .limit(1)
 )
@@ -438,16 +530,16 @@ _PENDING = (
     select(func.count())
     .select_from(Message)
     .where(
-        Message.conversation_id == bindparam("conversation_id"),
-        Message.role.in_(TURN_ROLES),
-        Message.id > bindparam("covered"),
-        Message.id <= bindparam("boundary"),
+        _MESSAGES.conversation_id == bindparam("conversation_id"),
+        _TURN_ROLE,
+        _MESSAGES.id > bindparam("covered"),
+        _MESSAGES.id <= bindparam("boundary"),
     )
 )
-_OPEN_SUMMARY = select(Job.id).where(
-    Job.conversation_id == bindparam("conversation_id"),
-    Job.kind == JobKind.SUMMARY,
-    Job.state.not_in(list(TERMINAL_STATES)),
+_OPEN_SUMMARY = select(_JOBS.id).where(
+    _JOBS.conversation_id == bindparam("conversation_id"),
+    _JOBS.kind == JobKind.SUMMARY,
+    _JOBS.state.not_in(list(TERMINAL_STATES)),
 )
 
 
@@ -462,13 +554,20 @@ def _unsummarised(session: Session, conversation: Conversation, settings: Settin
     return covered, max(covered, boundary)
 
 
-def summary_due(session: Session, conversation: Conversation, settings: Settings) -> bool:
-    """Whether enough turns fell out of the window to summarise, and no SUMMARY job is already open for them."""
-    covered, boundary = _unsummarised(session, conversation, settings)
-    if boundary == covered:
-        return False
-    params = {"conversation_id": conversation.id, "covered": covered, "boundary": boundary}
-    if (session.scalar(_PENDING, params) or 0) < settings.summary_every:
+def summary_due(
+    session: Session, conversation: Conversation, settings: Settings, unsummarised: int | None = None
+) -> bool:
+    """Whether enough turns fell out of the window to summarise, and no SUMMARY job is already open for them.
+
+    ``unsummarised`` is ``MemoryContext.unsummarised`` of the reply just stored, when known: no need to count again.
+    """
+    if unsummarised is None:
+        covered, boundary = _unsummarised(session, conversation, settings)
+        if boundary == covered:
+            return False
+        params = {"conversation_id": conversation.id, "covered": covered, "boundary": boundary}
+        unsummarised = session.scalar(_PENDING, params) or 0
+    if unsummarised < settings.summary_every:
         return False
     return session.scalar(_OPEN_SUMMARY, {"conversation_id": conversation.id}) is None
 

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from core.config import Settings
     from core.db.models import Message
 
-__all__ = ["Prompt", "PromptInputs", "PromptTooLong", "build_prompt", "assemble_prompt", "inputs_for"]
+__all__ = ["Prompt", "PromptInputs", "PromptTooLong", "build_prompt", "assemble_prompt", "inputs_for", "prompt_for"]
 
 log = logging.getLogger(__name__)
 
@@ -281,6 +281,30 @@ def inputs_for(
     )
 
 
+def prompt_for(
+    character: Character,
+    user: User,
+    memory: MemoryContext,
+    new_message: str,
+    settings: Settings,
+    count_tokens: Callable[[str], int],
+    *,
+    images: Sequence[Image.Image] = (),
+    image_tokens: int = 0,
+) -> Prompt:
+    """The prompt replying to ``new_message`` with ``memory`` read already, within context_tokens minus the reply.
+
+    No SQL: a worker builds it after its read transaction ended.
+    """
+    return build_prompt(
+        inputs_for(character, user, memory, new_message, images),
+        count_tokens,
+        settings.context_tokens - settings.max_reply_tokens,
+        lore_budget=settings.lorebook_tokens,
+        image_tokens=image_tokens,
+    )
+
+
 def assemble_prompt(
     session: Session,
     conversation: Conversation,
@@ -297,10 +321,6 @@ def assemble_prompt(
     if character is None or user is None:
         raise LookupError(f"conversation {conversation.id} has no character or user")
     memory = memory_context(session, conversation, new_message, settings)
-    return build_prompt(
-        inputs_for(character, user, memory, new_message.text, images),
-        count_tokens,
-        settings.context_tokens - settings.max_reply_tokens,
-        lore_budget=settings.lorebook_tokens,
-        image_tokens=image_tokens,
+    return prompt_for(
+        character, user, memory, new_message.text, settings, count_tokens, images=images, image_tokens=image_tokens
     )

@@ -7,8 +7,11 @@ it rendered. Following ends after a ``Done`` or ``Failed`` event.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING, Final
+import hashlib
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from redis.exceptions import NoScriptError
 
 from core.jobs import Done, Failed, JobEvent, decode_event, encode_event, stream_key
 
@@ -16,7 +19,7 @@ if TYPE_CHECKING:
     from redis import Redis
     from redis.asyncio import Redis as AsyncRedis
 
-__all__ = ["MAX_EVENTS", "publish", "follow", "follow_sync", "is_final"]
+__all__ = ["MAX_EVENTS", "publish", "publish_all", "run_script", "follow", "follow_sync", "is_final"]
 
 MAX_EVENTS: Final = 10_000  # approximate cap; a reply streams a few hundred deltas
 _BLOCK_MS: Final = 1_000
@@ -29,11 +32,34 @@ def is_final(event: JobEvent) -> bool:
 
 def publish(redis: Redis, job_id: int, event: JobEvent, ttl_s: int = 3600) -> str:
     """Append ``event`` to the job's stream and push its expiry ``ttl_s`` ahead; returns the entry id."""
-    key = stream_key(job_id)
-    pipe = redis.pipeline(transaction=False)
-    pipe.xadd(key, encode_event(event), maxlen=MAX_EVENTS, approximate=True)  # type: ignore[arg-type]
-    pipe.expire(key, ttl_s)
-    entry_id = pipe.execute()[0]
+    return publish_all(redis, job_id, [event], ttl_s)
+
+
+# XADD each event, then push the expiry ahead: one command, atomic, so a blocked XREAD wakes once for them all
+# (after each command of a pipeline it would wake and read them one by one)
+_APPEND: Final = """
+local id
+for i = 3, #ARGV do id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[i]) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return id
+"""
+_DIGESTS: dict[str, str] = {}  # Lua source -> SHA1, computed once
+
+
+def run_script(redis: Redis, source: str, keys: Sequence[str], args: Sequence[object]) -> Any:
+    """Run the Lua ``source`` by its digest (one command), loading it first on a server that lacks it."""
+    digest = _DIGESTS.get(source) or _DIGESTS.setdefault(source, hashlib.sha1(source.encode()).hexdigest())
+    try:
+        return redis.evalsha(digest, len(keys), *keys, *args)  # type: ignore[arg-type]
+    except NoScriptError:  # a new or restarted server
+        redis.script_load(source)
+        return redis.evalsha(digest, len(keys), *keys, *args)  # type: ignore[arg-type]
+
+
+def publish_all(redis: Redis, job_id: int, events: Sequence[JobEvent], ttl_s: int = 3600) -> str:
+    """Append ``events`` in order in one round trip and push the expiry ahead; returns the last entry id."""
+    args = (MAX_EVENTS, ttl_s, *(encode_event(event)["e"] for event in events))
+    entry_id = run_script(redis, _APPEND, [stream_key(job_id)], args)
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 

@@ -48,7 +48,7 @@ from core.db.models import (
 )
 from core.db.repositories import create_job, get_or_create_user
 from core.jobs import TERMINAL_STATES, JobKind, JobState
-from core.media import FileStore, MediaError, ValidatedImage, validate_image
+from core.media import TRAINING_FORMATS, FileStore, MediaError, ValidatedImage, validate_image
 
 if TYPE_CHECKING:
     from core.config import Settings
@@ -684,7 +684,7 @@ class Submissions:
     def _validated(self, data: bytes) -> ValidatedImage:
         """The decoded, normalised image; media's refusal becomes a SubmissionError with its reason."""
         try:
-            return validate_image(data, self.settings)
+            return validate_image(data, self.settings, TRAINING_FORMATS)  # issue 7: PNG, JPEG or WebP only
         except MediaError as exc:
             raise SubmissionError(str(exc)) from exc
 

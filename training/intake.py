@@ -1,8 +1,9 @@
 """Intake rules of a character's source images and persona, all-or-nothing (issue 7, MODEL.md 8.1).
 
-The rules live in ``core.submissions`` (the bots call them one image at a time): a real PNG, JPEG or WebP decoded
-by ``core.media.validate_image`` (EXIF orientation applied, metadata stripped, size and pixel limits, decompression
-bombs refused), no near-duplicates by perceptual hash, the configured number of images, the consent attestation.
+The rules live in ``core.submissions`` (the bots call them one image at a time): a real PNG, JPEG or WebP (no GIF,
+BMP, TIFF or PDF, whatever the file's name says) decoded by ``core.media.validate_image`` (EXIF orientation applied,
+metadata stripped, size and pixel limits, decompression bombs refused), no near-duplicates by perceptual hash, the
+configured number of images, the consent attestation.
 This module applies the same rules to a whole set at once, so that a folder (a RoleScape character, an operator's
 upload) is checked completely before anything is stored: one bad image and nothing changes.
 """
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from core.media import MediaError, ValidatedImage, validate_image
+from core.media import TRAINING_FORMATS, MediaError, ValidatedImage, validate_image
 from core.rolescape import read_rolescape
 from core.submissions import (
     CONSENT_TEXT,
@@ -43,7 +44,7 @@ def check_images(datas: Sequence[bytes], settings: Settings) -> list[ValidatedIm
     hashes: list[str] = []
     for number, data in enumerate(datas, start=1):
         try:
-            image = validate_image(data, settings)
+            image = validate_image(data, settings, TRAINING_FORMATS)
         except MediaError as error:
             raise SubmissionError(f"Image {number}: {error}") from error
         digest = perceptual_hash(image.open())

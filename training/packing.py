@@ -13,6 +13,10 @@ Notable:
   :class:`PackedLayer` makes each decoder layer a module of its own so FSDP and activation checkpointing wrap it.
 - Losses: cross-entropy on the tokens of loss segments (their ``<|im_end|>`` included, ``lm_head`` only on those
   rows) and flow-matching MSE of the velocity ``eps - x0`` on noised latents at ``t = shift(sigmoid(N(0,1)))``.
+  Every row selection is an index tensor made while packing: the step has no host sync until its loss is read.
+- Speed (bench/RESULTS.md): attention through training.attention (flex_attention on CUDA), LoRA products in the
+  base's dtype, only the first ``recompute`` layers checkpointed, and optionally the model's fused element-wise
+  kernels (``compile_kernels``).
 """
 
 from __future__ import annotations
@@ -27,13 +31,12 @@ from torch.utils.checkpoint import checkpoint
 
 from core.model.bagel import Bagel
 from core.model.flow import noise_latents, sample_training_timesteps, velocity_target
-from core.model.llm import GEN, MoTDecoderLayer, Rope, norm_rope
+from core.model.llm import GEN, MoTDecoderLayer, Rope
 from core.model.tokenizer import BagelTokenizer
 from core.model.transforms import VIT_TRANSFORM, flattened_position_ids, patchify
+from training.attention import CAUSAL, FULL, NOISE, PackedAttention
 
 __all__ = ["ImagePart", "Losses", "PackedBatch", "PackedLayer", "Packer", "Sample", "TextPart", "TrainingForward"]
-
-CAUSAL, FULL, NOISE = 0, 1, 2  # block kinds of the attention mask
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +81,9 @@ class PackedBatch:
     latent_t: Tensor  # [G] flow time of each latent token (0 for clean conditioning images)
     latent_noise: Tensor  # [G] noise eps (zeros for clean ones)
     latent_positions: Tensor  # [G]
-    is_target: Tensor  # [G] bool: noised tokens that carry the MSE loss
+    target_rows: Tensor  # [Gt] rows of the generation slice (noised tokens) that carry the MSE loss
     rope: Tensor  # [L]
-    mask: Tensor  # [L, L] bool: True where a query may attend a key
+    mask_tokens: Tensor  # [4, L] sample, block, kind, sequence index: the attention rules' inputs (training.attention)
     label_rows: Tensor  # [N] understanding rows whose next token is trained
     labels: Tensor  # [N]
     num_und: int
@@ -201,12 +204,7 @@ class Packer:
         order = torch.cat([torch.nonzero(expert == 0).flatten(), torch.nonzero(expert == 1).flatten()])
         slot = torch.empty_like(order)
         slot[order] = torch.arange(order.numel())  # sequence index -> permuted row
-        sample, block, kind = (torch.tensor(v)[order] for v in (b.sample, b.block, b.kind))
-        index = order
-        same_block = block[:, None] == block[None, :]
-        earlier = (block[None, :] < block[:, None]) & (kind[None, :] != NOISE)
-        inside = same_block & ((kind[:, None] != CAUSAL) | (index[None, :] <= index[:, None]))
-        mask = (sample[:, None] == sample[None, :]) & (earlier | inside)
+        mask_tokens = torch.stack([torch.tensor(v)[order] for v in (b.sample, b.block, b.kind)] + [order])
 
         text_idx = torch.tensor([i for i, _ in b.text], dtype=torch.long)
         lat_x0 = [t for _, t, _, _ in b.lat]
@@ -232,9 +230,9 @@ class Packer:
             latent_t=torch.cat(t_rows) if t_rows else torch.zeros(0),
             latent_noise=torch.cat(noise_rows) if noise_rows else torch.zeros_like(latents),
             latent_positions=torch.cat([q for _, _, q, _ in b.lat]) if b.lat else torch.zeros(0, dtype=torch.long),
-            is_target=torch.cat(target_rows) if target_rows else torch.zeros(0, dtype=torch.bool),
+            target_rows=torch.cat(target_rows).nonzero().flatten() if target_rows else torch.zeros(0, dtype=torch.long),
             rope=torch.tensor(b.rope)[order],
-            mask=mask,
+            mask_tokens=mask_tokens,
             label_rows=slot[torch.tensor([i for i, _ in labels], dtype=torch.long)] if labels else torch.zeros(0, dtype=torch.long),
             labels=torch.tensor([tok for _, tok in labels], dtype=torch.long),
             num_und=int((expert == 0).sum()),
@@ -242,30 +240,26 @@ class Packer:
         )
 
 
-def _attention(layer: MoTDecoderLayer, h_und: Tensor, h_gen: Tensor, rope: Rope, mask: Tensor) -> Tensor:
+def _attention(layer: MoTDecoderLayer, h_und: Tensor, h_gen: Tensor, rope: Rope, attend: PackedAttention) -> Tensor:
     """Shared attention over the permuted sequence with per-expert projections; returns ``[L, H*D]``."""
     attn = layer.self_attn
     H, Hk, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
     n = h_und.shape[0]
     spans = {"": (h_und, rope.cos[:, :n], rope.sin[:, :n]), GEN: (h_gen, rope.cos[:, n:], rope.sin[:, n:])}
 
-    def project(sfx: str) -> tuple[Tensor, Tensor, Tensor]:
+    def project(sfx: str) -> tuple[Tensor, Tensor]:
         h, cos, sin = spans[sfx]
         q_norm, k_norm = getattr(attn, f"q_norm{sfx}"), getattr(attn, f"k_norm{sfx}")
-        q = getattr(attn, f"q_proj{sfx}")(h).view(1, -1, H, D)
-        k = getattr(attn, f"k_proj{sfx}")(h).view(1, -1, Hk, D)
-        q = norm_rope(q, q_norm.weight, q_norm.eps, cos, sin)  # Q/K norm and RoPE in float32, as inference
-        k = norm_rope(k, k_norm.weight, k_norm.eps, cos, sin)
-        return q, k, getattr(attn, f"v_proj{sfx}")(h).view(1, -1, Hk, D)
+        qk = torch.cat([getattr(attn, f"q_proj{sfx}")(h).view(1, -1, H, D),
+                        getattr(attn, f"k_proj{sfx}")(h).view(1, -1, Hk, D)], dim=2)
+        # Q/K norm and RoPE in float32, as inference (fused when the model's kernels are compiled)
+        qk = attn.norm_rope(qk, q_norm.weight, k_norm.weight, H, q_norm.eps, cos, sin)
+        return qk, getattr(attn, f"v_proj{sfx}")(h).view(1, -1, Hk, D)
 
-    (qu, ku, vu), (qg, kg, vg) = project(""), project(GEN)
-    q = torch.cat([qu, qg], dim=1).transpose(1, 2)  # [1, H, L, D]
-    k = torch.cat([ku, kg], dim=1).transpose(1, 2)  # [1, Hk, L, D]
+    (qku, vu), (qkg, vg) = project(""), project(GEN)
+    q, k = torch.cat([qku, qkg], dim=1).transpose(1, 2).split([H, Hk], dim=1)  # [1, H, L, D], [1, Hk, L, D]
     v = torch.cat([vu, vg], dim=1).transpose(1, 2)
-    # K/V repeated to all heads: SDPA's memory-efficient kernel takes an arbitrary mask but not GQA
-    k, v = k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, None])
-    return out.transpose(1, 2).reshape(q.shape[2], H * D)
+    return attend(q, k, v).transpose(1, 2).reshape(q.shape[2], H * D)
 
 
 class PackedLayer(nn.Module):
@@ -275,16 +269,15 @@ class PackedLayer(nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self, x: Tensor, num_und: int, rope: Rope, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, num_und: int, rope: Rope, attend: PackedAttention) -> Tensor:
         # x: [L, C]; rows [:num_und] use the understanding expert, the rest the generation expert
         ly = self.layer
         xu, xg = x[:num_und], x[num_und:]
-        a = _attention(ly, ly.input_layernorm(xu), ly.input_layernorm_moe_gen(xg), rope, mask)
-        x = x + torch.cat([ly.self_attn.o_proj(a[:num_und]), ly.self_attn.o_proj_moe_gen(a[num_und:])])
-        xu, xg = x[:num_und], x[num_und:]
-        mlp_u = ly.mlp(ly.post_attention_layernorm(xu))
-        mlp_g = ly.mlp_moe_gen(ly.post_attention_layernorm_moe_gen(xg))
-        return x + torch.cat([mlp_u, mlp_g])
+        a = _attention(ly, ly.input_layernorm(xu), ly.input_layernorm_moe_gen(xg), rope, attend)
+        und_norm, gen_norm = ly.post_attention_layernorm, ly.post_attention_layernorm_moe_gen
+        hu, nu = ly.add_norm(xu, ly.self_attn.o_proj(a[:num_und]), und_norm.weight, und_norm.eps)
+        hg, ng = ly.add_norm(xg, ly.self_attn.o_proj_moe_gen(a[num_und:]), gen_norm.weight, gen_norm.eps)
+        return torch.cat([hu + ly.mlp(nu), hg + ly.mlp_moe_gen(ng)])
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,13 +292,23 @@ class Losses:
 
 
 class TrainingForward(nn.Module):
-    """BAGEL's training forward: embeddings, packed decoder layers, CE and flow-matching losses."""
+    """BAGEL's training forward: embeddings, packed decoder layers, CE and flow-matching losses.
 
-    def __init__(self, model: Bagel, *, grad_checkpointing: bool = True) -> None:
+    ``recompute``: how many decoder layers (the first ones) drop their activations and recompute them in the
+    backward pass (None: all; 0: none); ``attention``: the backend of training.attention (``auto``: flex on CUDA);
+    ``compile_kernels``: fuse the element-wise work with ``torch.compile`` (GPU).
+    """
+
+    def __init__(
+        self, model: Bagel, *, recompute: int | None = None, attention: str = "auto", compile_kernels: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
         self.layers = nn.ModuleList(PackedLayer(layer) for layer in model.language_model.model.layers)
-        self.grad_checkpointing = grad_checkpointing
+        self.recompute = len(self.layers) if recompute is None else recompute
+        self.attention = attention
+        if compile_kernels:
+            model.language_model.model.compile_kernels()
 
     def embed(self, batch: PackedBatch) -> Tensor:
         """Input embeddings ``[L, C]`` in the permuted order."""
@@ -327,25 +330,26 @@ class TrainingForward(nn.Module):
     def forward(self, batch: PackedBatch, ce_weight: float = 0.25, mse_weight: float = 1.0) -> Losses:
         x = self.embed(batch)
         rope = Rope(batch.rope[None], self.model.cfg.llm.head_dim, self.model.cfg.llm.rope_theta)
-        for layer in self.layers:
-            if self.grad_checkpointing and self.training:
-                x = checkpoint(layer, x, batch.num_und, rope, batch.mask, use_reentrant=False)
+        attend = PackedAttention(batch.mask_tokens, self.attention)  # one mask for every layer
+        for i, layer in enumerate(self.layers):
+            if self.training and i < self.recompute:
+                x = checkpoint(layer, x, batch.num_und, rope, attend, use_reentrant=False)
             else:
-                x = layer(x, batch.num_und, rope, batch.mask)
+                x = layer(x, batch.num_und, rope, attend)
         zero = x.sum() * 0.0  # keeps the graph (and FSDP's hooks) whole when a loss has no tokens
         ce = zero
         if batch.labels.numel():
             logits = self.model.language_model.logits(x[batch.label_rows])
             ce = F.cross_entropy(logits, batch.labels)
         mse = zero
-        targets = batch.is_target
-        if targets.any():
-            v = self.model.velocity(x[batch.num_und :][targets])
-            mse = F.mse_loss(v, velocity_target(batch.latents[targets], batch.latent_noise[targets]).float())
+        rows = batch.target_rows
+        if rows.numel():
+            v = self.model.velocity(x[batch.num_und :][rows])
+            mse = F.mse_loss(v, velocity_target(batch.latents[rows], batch.latent_noise[rows]).float())
         return Losses(
             total=ce_weight * ce + mse_weight * mse,
             ce=ce.detach(),
             mse=mse.detach(),
             ce_tokens=int(batch.labels.numel()),
-            mse_tokens=int(targets.sum()),
+            mse_tokens=int(rows.numel()),
         )

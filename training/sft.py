@@ -11,7 +11,11 @@ Notable:
   ``torch.distributed.checkpoint`` (sharded under FSDP, plain files in one process) and ``latest`` is switched
   atomically; a restarted run continues from there.
 - ``torchrun --nproc-per-node N``: FSDP2 ``fully_shard`` per decoder layer and on the root, one data stream per
-  rank; rank 0 reports and writes the adapter. bf16 weights with fp32 LoRA factors on GPU, fp32 on CPU.
+  rank; rank 0 reports and writes the adapter. bf16 weights with fp32 LoRA factors on GPU (their products run in
+  bf16, as under FSDP's mixed precision), fp32 on CPU.
+- One host sync per step (reading the losses), after the next batch is packed: the CPU's packing overlaps the
+  GPU's step. Speed knobs: ``checkpoint_layers`` (by default as many layers keep their activations as
+  :data:`KEPT_LAYER_TOKENS` allows) and ``compile_kernels``; bench/train_bench.py measures them.
 """
 
 from __future__ import annotations
@@ -54,11 +58,16 @@ from core.model.lora import (
 from core.model.tokenizer import load_tokenizer
 from core.model.transforms import ImageTransform, patchify
 from core.model.vae import AutoEncoder
-from training.packing import ImagePart, Packer, Sample, TrainingForward
+from training.packing import ImagePart, PackedBatch, Packer, Sample, TrainingForward
 
 __all__ = ["SFTConfig", "SFTResult", "StepReport", "Stopped", "pick_device", "run_sft", "sample_batch"]
 
 log = logging.getLogger(__name__)
+
+# Decoder layers x tokens whose activations may stay in memory instead of being recomputed: 20 layers at 8,192
+# tokens, about 25 GiB on the 7B with compiled kernels, so one step peaks near 60 GiB on an 80 GB card
+# (bench/RESULTS.md). Longer steps keep proportionally fewer layers.
+KEPT_LAYER_TOKENS = 20 * 8192
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,8 @@ class SFTConfig:
     timestep_shift: float = 1.0
     text_dropout: float = 0.1
     grad_checkpointing: bool = True
+    checkpoint_layers: int | None = None  # decoder layers recomputed in backward; None: from the token budget
+    compile_kernels: bool = True  # GPU: fuse the element-wise work with torch.compile
     group_weights: dict[str, float] = field(default_factory=lambda: {"t2i": 20000.0, "vlm": 1.0})
 
     @classmethod
@@ -201,6 +212,15 @@ def _trainable(model: Bagel, config: SFTConfig, dtype: torch.dtype) -> list[str]
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
+def _recomputed_layers(config: SFTConfig, layers: int) -> int:
+    """How many decoder layers checkpoint their activations (the rest keep them: less recompute)."""
+    if not config.grad_checkpointing:
+        return 0
+    if config.checkpoint_layers is not None:
+        return config.checkpoint_layers
+    return max(0, layers - KEPT_LAYER_TOKENS // config.tokens_per_step)
+
+
 def _distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -210,9 +230,12 @@ def _shard(forward: TrainingForward) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=forward.model.dtype, reduce_dtype=torch.float32)
+    in_layers: set[nn.Parameter] = set()
     for layer in forward.layers:
         fully_shard(layer, mp_policy=policy)
-    fully_shard(forward, mp_policy=policy)
+        in_layers |= set(layer.parameters())
+    # the root also reaches the layers' weights through forward.model; those belong to the layer units
+    fully_shard(forward, mp_policy=policy, ignored_params=in_layers)
 
 
 @contextmanager
@@ -284,12 +307,16 @@ def run_sft(
     model = load_bagel(cfg, model_dir, device=dev, dtype=dt)
     vae = load_vae(model_dir / "ae.safetensors", device=dev)
     trainable = _trainable(model, config, dt)
-    forward = TrainingForward(model, grad_checkpointing=config.grad_checkpointing).train()
+    forward = TrainingForward(
+        model, recompute=_recomputed_layers(config, cfg.llm.num_hidden_layers),
+        compile_kernels=config.compile_kernels and dev.type == "cuda",
+    ).train()
     if _distributed():
         _shard(forward)
     params = [p for p in forward.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+        params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
+        fused=dev.type == "cuda" and not _distributed(),  # one kernel for all parameters (plain tensors only)
     )
     packer = Packer(
         load_tokenizer(model_dir), images, _encoder(vae, images, config.image_size, dev, config.seed),
@@ -310,26 +337,31 @@ def run_sft(
         losses = checkpoints.losses()[:start]
         log.info("resuming SFT from step %s of %s", start, config.steps)
 
-    began, done_here = time.perf_counter(), 0
-    for step in range(start, config.steps):
-        tick = time.perf_counter()
+    def packed_batch(step: int) -> PackedBatch:
+        """Step ``step``'s batch and noise, from a generator of its own (a resumed run sees the same ones)."""
         generator = torch.Generator().manual_seed((config.seed * 1_000_003 + rank * 10_007 + step) & 0x7FFFFFFF)
         batch = sample_batch(samples, packer.count, config.tokens_per_step, config.group_weights, generator,
                              config.text_dropout)
-        packed = packer.pack(batch, generator, config.timestep_shift).to(dev)
+        return packer.pack(batch, generator, config.timestep_shift).to(dev)
+
+    began = time.perf_counter()
+    packed = packed_batch(start) if start < config.steps else None
+    for step in range(start, config.steps):
+        tick = time.perf_counter()
         result = forward(packed, config.ce_weight, config.mse_weight)
         optimizer.zero_grad(set_to_none=True)
         result.total.backward()
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
-        loss = float(result.total.detach())  # a CPU-GPU sync point, once per step for the report
+        tokens = packed.tokens
+        # the next batch is packed on the CPU while the GPU still runs this step; reading the losses is the sync
+        packed = packed_batch(step + 1) if step + 1 < config.steps else None
+        loss, ce, mse = torch.stack([result.total.detach(), result.ce, result.mse]).tolist()
         losses.append(loss)
-        done_here += 1
-        elapsed = time.perf_counter() - began
+        done_here, elapsed = step + 1 - start, time.perf_counter() - began
         report = StepReport(
-            step=step + 1, total=config.steps, loss=loss, ce=float(result.ce), mse=float(result.mse),
-            tokens=packed.tokens, seconds=time.perf_counter() - tick,
-            eta_s=elapsed / done_here * (config.steps - step - 1),
+            step=step + 1, total=config.steps, loss=loss, ce=ce, mse=mse, tokens=tokens,
+            seconds=time.perf_counter() - tick, eta_s=elapsed / done_here * (config.steps - step - 1),
         )
         last = step + 1 == config.steps
         if (step + 1) % config.checkpoint_every == 0 or last:
@@ -390,7 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run_sft(args.model_dir, annotation.train, images, args.work_dir, config,
                      base_hash=base_model_hash(args.model_dir), data_hash=annotation.data_hash(),
                      on_step=lambda r: log.info("step %s/%s loss %.4f eta %.0fs", r.step, r.total, r.loss, r.eta_s))
-    log.info("wrote %s", result.output)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.info("wrote %s", result.output)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

@@ -25,6 +25,7 @@ from sqlalchemy import bindparam, select
 
 from core.db import repositories as repo
 from core.db.models import Character, Chat, Conversation, Message, User
+from core.db.session import reading
 from core.imaging import (
     ImagePolicy,
     PicturePlan,
@@ -39,12 +40,12 @@ from core.imaging import (
     sampler_params,
     scene_contexts,
 )
-from core.jobs import ImageFollows, ImageReady, ImageRefused, JobEvent, JobKind, Progress, TextDelta
-from core.memory import store_summary, summary_due, summary_request
+from core.jobs import ImageFollows, ImageReady, ImageRefused, JobEvent, JobKind, Progress
+from core.memory import index_reply, memory_context, store_summary, summary_due, summary_request
 from core.model.api import TextParams
 from core.model.roleplay import Thinking
-from core.prompting import PromptTooLong, assemble_prompt
-from workers.lifecycle import Claim, JobError, Stop, Watch, complete, emit
+from core.prompting import PromptTooLong, prompt_for
+from workers.lifecycle import Claim, Deltas, JobError, Stop, Watch, complete, emit
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -74,21 +75,26 @@ def clean_text(text: str) -> str:
     return _CONTROL.sub("", text)
 
 
-_ROWS = (  # one statement instead of four lookups
-    select(Conversation, Character, Chat, User)
+_ROWS = (  # one statement instead of five lookups
+    select(Conversation, Character, Chat, User, Message)
     .join(Character, Character.id == Conversation.character_id)
     .join(Chat, Chat.id == Conversation.chat_id)
     .join(User, User.id == Conversation.user_id)
+    .outerjoin(Message, (Message.id == bindparam("message_id")) & (Message.conversation_id == Conversation.id))
     .where(Conversation.id == bindparam("conversation_id"))
 )
 
 
-def _rows(session: Session, claim: Claim) -> tuple[Conversation, Character, Chat, User]:
-    """The job's conversation with its character, chat and user; hold them: the session's identity map is weak."""
-    row = session.execute(_ROWS, {"conversation_id": claim.conversation_id}).one_or_none()
+def _rows(session: Session, claim: Claim) -> tuple[Conversation, Character, Chat, User, Message | None]:
+    """The job's conversation with its character, chat and user, and the request message when it is still there.
+
+    Hold them: the session's identity map is weak.
+    """
+    params = {"conversation_id": claim.conversation_id, "message_id": claim.request_message_id}
+    row = session.execute(_ROWS, params).one_or_none()
     if row is None:
         raise JobError("This conversation no longer exists.")
-    return row.Conversation, row.Character, row.Chat, row.User
+    return row.Conversation, row.Character, row.Chat, row.User, row.Message
 
 
 def _adapter(ctx: WorkerContext, character: Character) -> str | None:
@@ -130,7 +136,13 @@ def _plan(ctx: WorkerContext, claim: Claim, watch: Watch, facts: dict[str, Any],
 
 
 def _queue_picture(
-    session: Session, ctx: WorkerContext, claim: Claim, facts: dict[str, Any], plan: PicturePlan, reply: str
+    session: Session,
+    ctx: WorkerContext,
+    claim: Claim,
+    facts: dict[str, Any],
+    plan: PicturePlan,
+    reply: str,
+    reply_id: int | None,
 ) -> tuple[JobEvent, FollowUp | None]:
     """Inside the reply's transaction: the scene picture's IMAGE job, or the reason it may not be made."""
     chat, character = session.get(Chat, facts["chat_id"]), session.get(Character, facts["character_id"])
@@ -141,7 +153,6 @@ def _queue_picture(
     )
     if reason is not None:
         return ImageRefused(reason), None
-    reply_turn = repo.recent_messages(session, facts["conversation_id"], 1)
     params = {
         "scene": True,
         "prompt": facts["user_text"],
@@ -151,60 +162,62 @@ def _queue_picture(
         "thinking": plan.thinking.thinking_process if plan.thinking else "",
         "instruction": instruction,
         "chat_id": facts["chat_id"],
-        "reply_message_id": reply_turn[0].id if reply_turn and reply_turn[0].role == "character" else None,
+        "reply_message_id": reply_id,
         **sampler_params(ctx.settings, new_seed()),
     }
-    job = repo.create_job(
+    job_id = repo.insert_job(
         session, JobKind.IMAGE, facts["user_id"], facts["conversation_id"], claim.request_message_id, params
     )
-    return ImageFollows(job.id), (job.id, JobKind.IMAGE)
+    return ImageFollows(job_id), (job_id, JobKind.IMAGE)
 
 
 def run_chat(ctx: WorkerContext, claim: Claim) -> list[FollowUp]:
     """An in-character reply, streamed as text deltas; may queue the rolling summary and the reply's picture."""
     settings, watch, model = ctx.settings, Watch(ctx, claim), ctx.model.get()
-    with ctx.sessionmaker.begin() as session:  # begin: recall indexes new turns as it reads
-        conversation, character, chat, _user = _rows(session, claim)  # all held: memory and the prompt read them
-        message = session.get(Message, claim.request_message_id) if claim.request_message_id else None
+    # a read-only transaction (on SQLite no write lock): the chat's recall index is written with the reply
+    with reading(ctx.sessionmaker) as session, session.begin():
+        conversation, character, chat, user, message = _rows(session, claim)  # held: memory reads them
         if message is None:
             raise JobError("Your message was deleted before I could answer it.")
-        images = [_image(ctx, key) for key in message.image_keys]
-        try:
-            # image_tokens=0: the runtime does not yet say what an image costs; text is budgeted exactly
-            prompt = assemble_prompt(session, conversation, message, settings, model.count_tokens, images=images)
-        except PromptTooLong as error:
-            raise JobError("Your message does not fit in what I can read at once; please shorten it.") from error
-        adapter, conversation_id = _adapter(ctx, character), conversation.id
+        memory = memory_context(session, conversation, message, settings, index=False)
         policy = resolve_policy(character, chat)
         # only the auto policy paces pictures by replies; the count is a query, skipped otherwise
         since = replies_since_image(session, conversation.chat_id) if policy is ImagePolicy.AUTO else None
-        facts = {
-            "policy": policy, "user_text": message.text, "name": character.name,
-            "description": character.description, "since": since,
-            "adapter": adapter, "chat_id": conversation.chat_id, "character_id": character.id,
-            "user_id": conversation.user_id, "conversation_id": conversation_id,
-        }
+    adapter, conversation_id = _adapter(ctx, character), conversation.id
+    facts = {
+        "policy": policy, "user_text": message.text, "name": character.name,
+        "description": character.description, "since": since,
+        "adapter": adapter, "chat_id": conversation.chat_id, "character_id": character.id,
+        "user_id": conversation.user_id, "conversation_id": conversation_id,
+    }
+    images = [_image(ctx, key) for key in message.image_keys]
+    try:
+        # image_tokens=0: the runtime does not yet say what an image costs; text is budgeted exactly
+        prompt = prompt_for(character, user, memory, message.text, settings, model.count_tokens, images=images)
+    except PromptTooLong as error:
+        raise JobError("Your message does not fit in what I can read at once; please shorten it.") from error
     emit(ctx, claim.job_id, Progress(stage="text"))
+    deltas = Deltas(ctx, claim.job_id)
 
     def on_text(piece: str) -> None:
         watch.check()
         if piece := clean_text(piece):
-            emit(ctx, claim.job_id, TextDelta(piece))
+            deltas.add(piece)
 
     params = TextParams(settings.max_reply_tokens, settings.temperature, settings.top_p, claim.params.get("seed"))
     text = clean_text(model.generate_text(prompt.segments, params, on_text=on_text, adapter=adapter))
     watch.check()
     plan = _plan(ctx, claim, watch, facts, text.strip())
     follow_ups: list[FollowUp] = []
-    events: list[JobEvent] = []  # filled inside the transaction, published after it, before Done
+    events = deltas.rest()  # the text not sent yet, then what the transaction adds; published after it, before Done
 
-    def queue_follow_ups(session: Session) -> None:
-        conversation = session.get(Conversation, conversation_id)
-        if conversation is not None and summary_due(session, conversation, settings):
-            job = repo.create_job(session, JobKind.SUMMARY, conversation.user_id, conversation.id)
-            follow_ups.append((job.id, JobKind.SUMMARY))
-        if plan is not None and conversation is not None:
-            event, picture = _queue_picture(session, ctx, claim, facts, plan, text.strip())
+    def queue_follow_ups(session: Session, reply_id: int | None) -> None:
+        index_reply(session, conversation, memory, message, reply_id, text.strip(), settings)
+        if summary_due(session, conversation, settings, memory.unsummarised):
+            job_id = repo.insert_job(session, JobKind.SUMMARY, facts["user_id"], conversation_id)
+            follow_ups.append((job_id, JobKind.SUMMARY))
+        if plan is not None:
+            event, picture = _queue_picture(session, ctx, claim, facts, plan, text.strip(), reply_id)
             events.append(event)
             follow_ups.extend([picture] if picture else [])
 
@@ -227,7 +240,7 @@ def run_image(ctx: WorkerContext, claim: Claim) -> list[FollowUp]:
     """
     settings, watch, model, p = ctx.settings, Watch(ctx, claim), ctx.model.get(), claim.params
     with ctx.sessionmaker() as session:
-        conversation, character, _chat, _user = _rows(session, claim)
+        conversation, character, _chat, _user, _message = _rows(session, claim)
         references, spent = [], 0
         for ref in character.reference_images:  # load only what fits the image context budget
             spent += image_block_tokens(ref.width, ref.height)
@@ -273,7 +286,7 @@ def run_image(ctx: WorkerContext, claim: Claim) -> list[FollowUp]:
         complete(ctx, claim, "", [key], result, before_done=[ready])
         return []
 
-    def attach(session: Session) -> None:  # a scene picture belongs to the reply it shows
+    def attach(session: Session, _reply_id: int | None) -> None:  # a scene picture belongs to the reply it shows
         reply = session.get(Message, p["reply_message_id"]) if p.get("reply_message_id") else None
         if reply is not None:
             reply.image_keys = [*reply.image_keys, key]
@@ -294,7 +307,7 @@ def run_summary(ctx: WorkerContext, claim: Claim) -> list[FollowUp]:
     params = TextParams(max_new_tokens=request.max_new_tokens, temperature=SUMMARY_TEMPERATURE, top_p=1.0)
     text = model.generate_text(request.segments, params, on_text=lambda _piece: watch.check())
 
-    def keep(session: Session) -> None:
+    def keep(session: Session, _reply_id: int | None) -> None:
         store_summary(session, request.conversation_id, text, request.covers_until_message_id)
 
     complete(ctx, claim, None, result={"summarised": True}, write=keep)

@@ -5,6 +5,10 @@ UPDATE that also counts the attempt, so two deliveries racing for a queued job p
 is taken over only by a redelivery (its worker died: Redis re-sent the unacknowledged message) or once it has run
 past its timeout. ``complete`` writes the reply and marks the job done in one transaction guarded by the attempt
 number, so an attempt that was overtaken writes nothing.
+
+Statements run on the jobs table through SQLAlchemy Core, built once (the ORM's bulk UPDATE path costs several
+times the statement). Events of one moment go to the job's stream in one round trip; text deltas are gathered
+for at most ``DELTA_INTERVAL_S`` (``Deltas``) and whatever is left goes out with Done.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, select, update
 
 from core.db import repositories as repo
-from core.db.models import Conversation, Job, utcnow
-from core.jobs import TERMINAL_STATES, Done, Failed, JobEvent, JobKind, JobState, Progress
-from core.streams import publish
+from core.db.models import Job, utcnow
+from core.db.session import reading, single_statements
+from core.jobs import TERMINAL_STATES, Done, Failed, JobEvent, JobKind, JobState, Progress, TextDelta
+from core.streams import publish_all
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from sqlalchemy import Connection
     from sqlalchemy.orm import Session
 
     from workers.context import WorkerContext
@@ -37,6 +43,8 @@ __all__ = [
     "Cancelled",
     "TimedOut",
     "Watch",
+    "Deltas",
+    "DELTA_INTERVAL_S",
     "claim",
     "complete",
     "fail",
@@ -81,19 +89,20 @@ class Claim:
 
 
 # Statements built once (building one costs about as much as running it); the callers bind the values.
-_OWNED = (Job.id == bindparam("job_id"), Job.state == JobState.RUNNING, Job.attempts == bindparam("attempt"))
+_JOBS = Job.__table__.c
+_OWNED = (_JOBS.id == bindparam("job_id"), _JOBS.state == JobState.RUNNING, _JOBS.attempts == bindparam("attempt"))
 _CLAIM = (
-    update(Job)
-    .where(Job.id == bindparam("job_id"), Job.state == bindparam("was"), Job.attempts == bindparam("had"))
+    update(Job.__table__)
+    .where(_JOBS.id == bindparam("job_id"), _JOBS.state == bindparam("was"), _JOBS.attempts == bindparam("had"))
     .values(state=JobState.RUNNING, attempts=bindparam("attempt"), started_at=bindparam("now"), error=None)
 )
 _GIVE_UP = (
-    update(Job)
-    .where(Job.id == bindparam("job_id"))
+    update(Job.__table__)
+    .where(_JOBS.id == bindparam("job_id"))
     .values(state=JobState.FAILED, error=bindparam("error"), finished_at=bindparam("now"))
 )
 _COMPLETE = (
-    update(Job)
+    update(Job.__table__)
     .where(*_OWNED)
     .values(
         state=JobState.DONE,
@@ -103,19 +112,23 @@ _COMPLETE = (
         finished_at=bindparam("now"),
     )
 )
-_FAIL = update(Job).where(*_OWNED).values(state=JobState.FAILED, error=bindparam("error"), finished_at=bindparam("now"))
-_STATE = select(Job.state, Job.attempts).where(Job.id == bindparam("job_id"))
-_CLAIMABLE = select(  # the columns a claim reads: plain values, no ORM object to track
-    Job.kind, Job.state, Job.attempts, Job.started_at, Job.user_id, Job.conversation_id, Job.request_message_id,
-    Job.params,
-).where(Job.id == bindparam("job_id"))
-_CLAIM_QUEUED = (  # the usual case in one statement: a queued job becomes running, its attempt counted
-    update(Job)
-    .where(Job.id == bindparam("job_id"), Job.state == JobState.QUEUED)
-    .values(state=JobState.RUNNING, attempts=Job.attempts + 1, started_at=bindparam("now"), error=None)
-    .returning(Job.kind, Job.attempts, Job.user_id, Job.conversation_id, Job.request_message_id, Job.params)
+_FAIL = (
+    update(Job.__table__)
+    .where(*_OWNED)
+    .values(state=JobState.FAILED, error=bindparam("error"), finished_at=bindparam("now"))
 )
-_NO_SYNC = {"synchronize_session": False}  # no Job object of these sessions needs updating
+_STATE = select(_JOBS.state, _JOBS.attempts).where(_JOBS.id == bindparam("job_id"))
+_CLAIMABLE = select(  # the columns a claim reads
+    _JOBS.kind, _JOBS.state, _JOBS.attempts, _JOBS.started_at, _JOBS.user_id, _JOBS.conversation_id,
+    _JOBS.request_message_id, _JOBS.params,
+).where(_JOBS.id == bindparam("job_id"))
+_CLAIM_QUEUED = (  # the usual case in one statement: a queued job becomes running, its attempt counted
+    update(Job.__table__)
+    .where(_JOBS.id == bindparam("job_id"), _JOBS.state == JobState.QUEUED)
+    .values(state=JobState.RUNNING, attempts=_JOBS.attempts + 1, started_at=bindparam("now"), error=None)
+    .returning(_JOBS.kind, _JOBS.attempts, _JOBS.user_id, _JOBS.conversation_id, _JOBS.request_message_id, _JOBS.params)
+)
+DELTA_INTERVAL_S = 0.05  # text deltas are gathered this long at most: one stream entry, not one per token
 
 
 def timeout_s(ctx: WorkerContext, kind: JobKind) -> int:
@@ -128,20 +141,20 @@ def _aware(moment: dt.datetime | None) -> dt.datetime | None:
     return moment.replace(tzinfo=dt.timezone.utc) if moment is not None and moment.tzinfo is None else moment
 
 
-def emit(ctx: WorkerContext, job_id: int, event: JobEvent) -> None:
-    """Publish one event on the job's stream."""
-    publish(ctx.redis, job_id, event, ctx.settings.event_ttl_s)
+def emit(ctx: WorkerContext, job_id: int, *events: JobEvent) -> None:
+    """Publish ``events`` on the job's stream, in one round trip."""
+    publish_all(ctx.redis, job_id, events, ctx.settings.event_ttl_s)
 
 
 def claim(ctx: WorkerContext, job_id: int, redelivered: bool = False) -> Claim | None:
     """Start an attempt at the job, or None when there is nothing to do (missing, finished, or running elsewhere)."""
     now = utcnow()
-    with ctx.sessionmaker.begin() as session:
-        claimed = session.execute(_CLAIM_QUEUED, {"job_id": job_id, "now": now}, execution_options=_NO_SYNC).first()
+    with single_statements(ctx.sessionmaker) as connection:  # each statement is atomic: one conditional UPDATE
+        claimed = connection.execute(_CLAIM_QUEUED, {"job_id": job_id, "now": now}).first()
         if claimed is not None:
             attempt, job = claimed.attempts, claimed
         else:
-            job, attempt = _claim_other(ctx, session, job_id, redelivered, now)
+            job, attempt = _claim_other(ctx, connection, job_id, redelivered, now)
             if job is None:
                 return None
         result = Claim(
@@ -149,7 +162,9 @@ def claim(ctx: WorkerContext, job_id: int, redelivered: bool = False) -> Claim |
         )
         exhausted = attempt > ctx.settings.max_attempts
         if exhausted:
-            session.execute(_GIVE_UP, {"job_id": job_id, "error": f"gave up after {attempt - 1} attempts", "now": now})
+            connection.execute(
+                _GIVE_UP, {"job_id": job_id, "error": f"gave up after {attempt - 1} attempts", "now": now}
+            )
     if exhausted:
         logger.warning("job %s: gave up after %s attempts", job_id, attempt - 1)
         emit(ctx, job_id, Failed("Sorry, this request failed several times and was given up. Please try again."))
@@ -160,10 +175,10 @@ def claim(ctx: WorkerContext, job_id: int, redelivered: bool = False) -> Claim |
 
 
 def _claim_other(
-    ctx: WorkerContext, session: Session, job_id: int, redelivered: bool, now: dt.datetime
+    ctx: WorkerContext, connection: Connection, job_id: int, redelivered: bool, now: dt.datetime
 ) -> tuple[Any, int]:
     """A job that was not queued: (its row, the new attempt) when this delivery takes it over, else (None, 0)."""
-    job = session.execute(_CLAIMABLE, {"job_id": job_id}).one_or_none()
+    job = connection.execute(_CLAIMABLE, {"job_id": job_id}).one_or_none()
     if job is None or job.state in TERMINAL_STATES:
         logger.info("job %s: nothing to do (%s)", job_id, job.state.value if job else "missing")
         cancelled = job is not None and job.state is JobState.CANCELLED
@@ -176,9 +191,8 @@ def _claim_other(
         logger.info("job %s: already running (attempt %s); duplicate delivery ignored", job_id, job.attempts)
         return None, 0
     attempt = job.attempts + 1
-    won = session.execute(
-        _CLAIM, {"job_id": job_id, "was": job.state, "had": job.attempts, "attempt": attempt, "now": now},
-        execution_options=_NO_SYNC,
+    won = connection.execute(
+        _CLAIM, {"job_id": job_id, "was": job.state, "had": job.attempts, "attempt": attempt, "now": now}
     ).rowcount
     if won != 1:
         logger.info("job %s: claimed by another delivery", job_id)
@@ -204,12 +218,41 @@ class Watch:
         if now < self._next_check:
             return
         self._next_check = now + self.interval_s
-        with self.ctx.sessionmaker() as session:
+        with reading(self.ctx.sessionmaker) as session:
             row = session.execute(_STATE, {"job_id": self.claim.job_id}).one_or_none()
         if row is None or row.state is JobState.CANCELLED:
             raise Cancelled(f"job {self.claim.job_id} was cancelled")
         if row.state is not JobState.RUNNING or row.attempts != self.claim.attempt:
             raise Superseded(f"job {self.claim.job_id} attempt {self.claim.attempt} was overtaken")
+
+
+class Deltas:
+    """A reply's text pieces on their way to the stream: sent at once when ``DELTA_INTERVAL_S`` has passed since
+    the last send, else gathered; ``rest`` hands what is left to go out with Done.
+
+    A model streams a token every few milliseconds; an entry (and a frontend's read) per token costs more than the
+    token. The first piece always goes out at once: the user sees the reply start as soon as the model does.
+    """
+
+    __slots__ = ("_next_send", "_pending", "clock", "ctx", "job_id")
+
+    def __init__(self, ctx: WorkerContext, job_id: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ctx, self.job_id, self.clock = ctx, job_id, clock
+        self._pending: list[str] = []
+        self._next_send = float("-inf")
+
+    def add(self, piece: str) -> None:
+        """Queue ``piece``; send everything queued when the interval has passed."""
+        self._pending.append(piece)
+        now = self.clock()
+        if now >= self._next_send:
+            emit(self.ctx, self.job_id, *self.rest())
+            self._next_send = now + DELTA_INTERVAL_S
+
+    def rest(self) -> list[JobEvent]:
+        """What was not sent yet, as at most one delta; the queue is emptied."""
+        text, self._pending = "".join(self._pending), []
+        return [TextDelta(text)] if text else []
 
 
 def complete(
@@ -219,32 +262,30 @@ def complete(
     image_keys: Sequence[str] = (),
     result: dict[str, Any] | None = None,
     before_done: Sequence[JobEvent] = (),
-    write: Callable[[Session], None] | None = None,
+    write: Callable[[Session, int | None], None] | None = None,
 ) -> int | None:
-    """Store the reply and mark the job done in one transaction, then publish ``before_done`` and Done.
+    """Store the reply and mark the job done in one transaction, then publish ``before_done`` and Done together.
 
-    ``text=None`` stores no reply message; ``write`` adds the job's other effects to the same transaction.
+    ``text=None`` stores no reply message; ``write(session, reply message id)`` adds the job's other effects to
+    the same transaction.
     Returns the reply message id; raises Cancelled or Superseded (writing nothing) when this attempt no longer
     owns the job.
     """
     with ctx.sessionmaker.begin() as session:
         message_id = None
-        conversation = session.get(Conversation, claim.conversation_id) if claim.conversation_id else None
-        if conversation is not None and text is not None:
-            message_id = repo.add_message(session, conversation, "character", text, image_keys).id
-        if write is not None:
-            write(session)
+        if claim.conversation_id is not None and text is not None:  # None: the conversation is gone
+            message_id = repo.insert_message(session, claim.conversation_id, "character", text, image_keys)
         owned = {"job_id": claim.job_id, "attempt": claim.attempt}
         values = {"reply_id": message_id, "result": dict(result or {}), "now": utcnow()}
         done = session.execute(_COMPLETE, {**owned, **values}).rowcount
         if done != 1:
-            state = session.scalar(select(Job.state).where(Job.id == claim.job_id))
+            state = session.scalar(select(_JOBS.state).where(_JOBS.id == claim.job_id))
             if state is None or state is JobState.CANCELLED:
                 raise Cancelled(f"job {claim.job_id} was cancelled before it completed")
             raise Superseded(f"job {claim.job_id} attempt {claim.attempt} lost its claim before completing")
-    for event in before_done:
-        emit(ctx, claim.job_id, event)
-    emit(ctx, claim.job_id, Done(message_id))
+        if write is not None:  # after the claim held: nothing is written for a job that is gone
+            write(session, message_id)
+    emit(ctx, claim.job_id, *before_done, Done(message_id))
     return message_id
 
 

@@ -1,9 +1,9 @@
 """One model per worker process, shared by the worker's threads and loaded by whichever needs it first.
 
 The model is loaded lazily inside the worker process (CUDA is never initialised in a parent that forks), once,
-under a lock. ``UniCharacterRuntime`` is thread-safe: it serves the threads first come, first served, a text reply
-as one turn and an image one denoising step per turn, so replies keep flowing while a picture renders. Requests are
-not yet batched together on the GPU.
+under a lock. ``UniCharacterRuntime`` is thread-safe: text replies take turns among themselves, images take turns
+per denoising step, and the two run side by side on the GPU (core.model.scheduling), so replies keep flowing while a
+picture renders. Requests are not batched together on the GPU.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def load_runtime(settings: Settings) -> CharacterModel:
         dtype=settings.dtype,
         checkpoint=settings.checkpoint,
         vit_checkpoint=settings.vit_checkpoint,
+        image_fp8={"auto": None, "on": True, "off": False}[settings.image_fp8],
     )
 
 

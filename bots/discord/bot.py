@@ -32,6 +32,7 @@ from bots.discord.routing import (
     incoming,
     is_addressed,
     replied_to,
+    speaker,
 )
 from bots.discord.voice import NO_PINGS, Persona, Posted, Speaker, WebhookPool
 from bots.render import DISCORD_LIMIT, split_text
@@ -157,7 +158,10 @@ class UniBot(discord.Client):
             if self.user.id in message.raw_mentions:
                 await self._reply(message, NOT_HERE)
             return
-        if refusal := await asyncio.to_thread(self.gate, message.channel, message.author.id, place.nsfw):
+        name = speaker(parent, self.user.id, hook.id if hook else None) if parent is not None else None
+        character_id = (await asyncio.to_thread(self._character_id, name) if name else None) or place.character_id
+        gate = (message.channel, message.author.id, place.nsfw, character_id)
+        if refusal := await asyncio.to_thread(self.gate, *gate):
             await self._reply(message, refusal)
             return
         intake = await read_images(message.attachments, self.settings)
@@ -168,7 +172,8 @@ class UniBot(discord.Client):
             return  # nothing usable left: the notice said why
         try:
             async with message.channel.typing():
-                outcome = await asyncio.to_thread(self.services.chat.handle, incoming(message, text, intake.images))
+                turn = incoming(message, text, intake.images, character_id)
+                outcome = await asyncio.to_thread(self.services.chat.handle, turn)
         except discord.HTTPException as exc:  # "typing…" refused: the channel went away or access was lost
             log.info("cannot answer in channel %s: %s", message.channel.id, exc.status)
             return
@@ -178,13 +183,24 @@ class UniBot(discord.Client):
         with self.sessions.begin() as session:
             return guilds.place_of(session, channel)
 
-    def gate(self, channel: discord.abc.Messageable, user_id: int, nsfw_channel: bool) -> str | None:
-        """Why the character that would answer here may not (NSFW outside age-restricted channels), or None."""
+    def _character_id(self, name: str) -> int | None:
+        """The published character called ``name`` (who wrote a message someone replies to)."""
+        with self.sessions() as session:
+            found = repo.character_by_name(session, name)
+            return found.id if found is not None else None
+
+    def gate(
+        self, channel: discord.abc.Messageable, user_id: int, nsfw_channel: bool, character_id: int | None = None
+    ) -> str | None:
+        """Why the character that would answer here (``character_id`` when addressed) may not, or None.
+
+        Adults-only characters speak only in age-restricted channels.
+        """
         with self.sessions.begin() as session:
             user = repo.get_or_create_user(session, PLATFORM, str(user_id))
             is_group = getattr(channel, "guild", None) is not None
             chat = repo.get_or_create_chat(session, PLATFORM, str(channel.id), is_group)  # type: ignore[attr-defined]
-            character = repo.resolve_character(session, user, chat, self.settings.default_character)
+            character = guilds.addressed(session, user, chat, character_id, self.settings.default_character)
             if character is not None and character.nsfw and not nsfw_channel:
                 return (
                     f"{character.name} is an adults-only character and only speaks in age-restricted channels; "
@@ -215,7 +231,9 @@ class UniBot(discord.Client):
 
     # --- interactions -----------------------------------------------------------------------------------
 
-    def incoming_of(self, interaction: discord.Interaction[Any], text: str) -> IncomingMessage:
+    def incoming_of(
+        self, interaction: discord.Interaction[Any], text: str, character_id: int | None = None
+    ) -> IncomingMessage:
         """A slash command as the neutral message the chat service understands."""
         return IncomingMessage(
             platform=PLATFORM,
@@ -225,11 +243,19 @@ class UniBot(discord.Client):
             text=text,
             display_name=interaction.user.display_name,
             is_group=interaction.guild_id is not None,
+            character_id=character_id,
         )
 
     async def ask(self, interaction: discord.Interaction[Any], text: str) -> ChatOutcome:
-        """Run a chat-service command for the user of an interaction."""
-        return await asyncio.to_thread(self.services.chat.handle, self.incoming_of(interaction, text))
+        """Run a chat-service command for the user of an interaction (in a thread, with its channel's character)."""
+        inherited = await self.inherited(interaction)
+        return await asyncio.to_thread(self.services.chat.handle, self.incoming_of(interaction, text, inherited))
+
+    async def inherited(self, interaction: discord.Interaction[Any]) -> int | None:
+        """The parent channel's character, in a thread that has none of its own; else None."""
+        if not isinstance(interaction.channel, discord.Thread):
+            return None
+        return (await asyncio.to_thread(self._place, interaction.channel)).character_id
 
     async def interaction_gate(self, interaction: discord.Interaction[Any]) -> str | None:
         """Why a character may not speak where this interaction happened, or None."""
@@ -239,7 +265,8 @@ class UniBot(discord.Client):
         place = await asyncio.to_thread(self._place, channel)  # type: ignore[arg-type]
         if not place.allowed:
             return NOT_HERE
-        return await asyncio.to_thread(self.gate, channel, interaction.user.id, place.nsfw)  # type: ignore[arg-type]
+        gate = (channel, interaction.user.id, place.nsfw, place.character_id)
+        return await asyncio.to_thread(self.gate, *gate)  # type: ignore[arg-type]
 
     async def _on_command_error(
         self, interaction: discord.Interaction[Any], error: app_commands.AppCommandError
@@ -259,10 +286,13 @@ class UniBot(discord.Client):
 
     # --- image buttons (bots.discord.buttons.ImageActions) ----------------------------------------------
 
-    async def regenerate_image(self, interaction: discord.Interaction[Any], job_id: int) -> None:
-        """Draw a new variation of the same picture (same scene and settings, a new seed), below the first."""
+    async def regenerate_image(self, interaction: discord.Interaction[Any], job_id: int | None) -> None:
+        """Draw a new variation of a picture (same scene and settings, a new seed), below the first.
+
+        ``job_id`` None (the /regenerate command without a number): the user's last picture in this channel.
+        """
         await interaction.response.defer(ephemeral=True, thinking=True)
-        outcome = await self.ask(interaction, f"/regenerate {job_id}")
+        outcome = await self.ask(interaction, f"/regenerate {job_id or ''}".rstrip())
         if isinstance(outcome, JobQueued):
             self.deliver(outcome, str(interaction.channel_id), None, interaction.user.id)
             await interaction.followup.send("🔁 Drawing another one…", ephemeral=True)
@@ -281,15 +311,22 @@ class UniBot(discord.Client):
         await interaction.response.edit_message(view=None)
 
     async def delete_image(self, interaction: discord.Interaction[Any], job_id: int) -> None:
-        """Remove the picture's message."""
+        """Remove the picture: its whole message, or only the picture and its buttons where a reply's words share it."""
         await interaction.response.defer()
         message = interaction.message
         if message is None or interaction.channel is None:
             return
         assert self.pool is not None
-        speaker = Speaker(interaction.channel, Persona(""), self.pool)  # type: ignore[arg-type]  # deleting needs no face
+        posted = Posted(message.id, message.channel.id, message.webhook_id is not None)
+        embed = message.embeds[0] if message.embeds and not posted.via_webhook else None
+        persona = Persona(embed.author.name or "", embed.author.icon_url) if embed else Persona(message.author.name)
+        words = (embed.description if embed else message.content) or ""
+        speaker = Speaker(interaction.channel, persona, self.pool)  # type: ignore[arg-type]
         try:
-            await speaker.delete(Posted(message.id, message.channel.id, message.webhook_id is not None))
+            if not words:
+                await speaker.delete(posted)
+            elif not await speaker.edit(posted, words, attachments=[], view=None):
+                await interaction.followup.send("⚠️ I can't change that message any more.", ephemeral=True)
         except discord.HTTPException as exc:
             await interaction.followup.send(f"⚠️ I could not delete it ({exc.status}).", ephemeral=True)
 

@@ -3,7 +3,7 @@
 Chat commands go through the shared chat service (the same answers as Telegram and the console); /newcharacter
 and the admin review go through ``core.submissions``. Commands that start model work answer within Discord's
 three seconds by deferring, then edit the answer. ``add_commands`` puts them all on a tree: the bot's, and the
-one ``unichar discord sync`` uploads.
+one ``unichar discord sync`` uploads; /help lists them from the same tuples, so it names exactly what is registered.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from core import memory
 from core.chat import Answer, JobQueued, Refusal
 from core.db import repositories as repo
 from core.db.models import Conversation, User
+from core.media import TRAINING_FORMATS
 from core.submissions import Actor, SubmissionError
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from bots.discord.bot import UniBot
     from core.chat import ChatOutcome
 
-__all__ = ["COMMANDS", "add_commands", "outcome_text"]
+__all__ = ["COMMANDS", "add_commands", "help_text", "outcome_text"]
 
 Interaction = discord.Interaction  # the client is a UniBot; annotated loosely so discord.py can inspect signatures
 IMAGE_SLOTS: Final = 10
@@ -187,6 +188,16 @@ async def imagine(interaction: Interaction[Any], prompt: app_commands.Range[str,
     bot.deliver(outcome, str(interaction.channel_id), None, interaction.user.id)
 
 
+@app_commands.command(name="regenerate")
+async def regenerate(interaction: Interaction[Any]) -> None:
+    """Draw your last picture here again, the same scene with a new seed (or press a picture's Regenerate)."""
+    bot = _bot(interaction)
+    if refusal := await bot.interaction_gate(interaction):
+        await _say(interaction, f"⚠️ {refusal}")
+        return
+    await bot.regenerate_image(interaction, None)
+
+
 @app_commands.command(name="reset")
 async def reset(interaction: Interaction[Any]) -> None:
     """Start your conversation with the character over."""
@@ -212,16 +223,22 @@ async def status(interaction: Interaction[Any]) -> None:
 # --- /memory -------------------------------------------------------------------------------------------------
 
 
-def _in_conversation(interaction: Interaction[Any], action: Callable[[Session, Conversation], str]) -> str:
-    """Run a core.memory command on the user's conversation with the character of this channel."""
+async def _in_conversation(interaction: Interaction[Any], action: Callable[[Session, Conversation], str]) -> str:
+    """Run a core.memory command on the user's conversation with the character of this channel (or thread)."""
     bot = _bot(interaction)
-    with bot.sessions.begin() as session:
-        user = repo.get_or_create_user(session, PLATFORM, str(interaction.user.id), interaction.user.display_name)
-        chat = repo.get_or_create_chat(session, PLATFORM, str(interaction.channel_id), interaction.guild_id is not None)
-        found = repo.resolve_character(session, user, chat, bot.settings.default_character)
-        if found is None:
-            return "⚠️ No character is available yet: an admin has to add one first."
-        return action(session, repo.active_conversation(session, user.id, found.id, chat.id))
+    inherited = await bot.inherited(interaction)
+
+    def run() -> str:
+        with bot.sessions.begin() as session:
+            user = repo.get_or_create_user(session, PLATFORM, str(interaction.user.id), interaction.user.display_name)
+            is_group = interaction.guild_id is not None
+            chat = repo.get_or_create_chat(session, PLATFORM, str(interaction.channel_id), is_group)
+            found = guilds.addressed(session, user, chat, inherited, bot.settings.default_character)
+            if found is None:
+                return "⚠️ No character is available yet: an admin has to add one first."
+            return action(session, repo.active_conversation(session, user.id, found.id, chat.id))
+
+    return await asyncio.to_thread(run)
 
 
 memory_group = app_commands.Group(name="memory", description="What the character remembers of you")
@@ -230,15 +247,14 @@ memory_group = app_commands.Group(name="memory", description="What the character
 @memory_group.command(name="show")
 async def memory_show(interaction: Interaction[Any]) -> None:
     """See what the character remembers of you here, numbered for forgetting."""
-    await _say(interaction, await asyncio.to_thread(_in_conversation, interaction, memory.describe_memory))
+    await _say(interaction, await _in_conversation(interaction, memory.describe_memory))
 
 
 @memory_group.command(name="remember")
 @app_commands.describe(fact="Something the character should always know about you")
 async def memory_remember(interaction: Interaction[Any], fact: app_commands.Range[str, 1, 500]) -> None:
     """Pin a fact the character keeps about you."""
-    text = await asyncio.to_thread(_in_conversation, interaction, lambda s, c: memory.remember(s, c, fact))
-    await _say(interaction, text)
+    await _say(interaction, await _in_conversation(interaction, lambda s, c: memory.remember(s, c, fact)))
 
 
 @memory_group.command(name="forget")
@@ -246,8 +262,7 @@ async def memory_remember(interaction: Interaction[Any], fact: app_commands.Rang
 async def memory_forget(interaction: Interaction[Any], what: app_commands.Range[str, 1, 20]) -> None:
     """Forget one fact, every fact, or everything of you."""
     store = _bot(interaction).services.files
-    text = await asyncio.to_thread(_in_conversation, interaction, lambda s, c: memory.forget(s, c, what, store))
-    await _say(interaction, text)
+    await _say(interaction, await _in_conversation(interaction, lambda s, c: memory.forget(s, c, what, store)))
 
 
 @memory_group.command(name="persona")
@@ -260,7 +275,7 @@ async def memory_persona(interaction: Interaction[Any], text: app_commands.Range
         assert user is not None
         return memory.persona(session, user, text)
 
-    await _say(interaction, await asyncio.to_thread(_in_conversation, interaction, action))
+    await _say(interaction, await _in_conversation(interaction, action))
 
 
 # --- /newcharacter ------------------------------------------------------------------------------------------
@@ -322,7 +337,7 @@ async def newcharacter(
         return
     await interaction.response.defer(ephemeral=True, thinking=True)
     given = [a for a in (image1, image2, image3, image4, image5, image6, image7, image8, image9, image10) if a]
-    intake = await read_images(given, bot.settings)
+    intake = await read_images(given, bot.settings, TRAINING_FORMATS)
     if intake.refused:
         await interaction.followup.send(f"Nothing was submitted:\n{intake.notice}", ephemeral=True)
         return
@@ -537,18 +552,43 @@ async def settings_show(interaction: Interaction[Any]) -> None:
     await _say(interaction, await asyncio.to_thread(_in_session, _bot(interaction), read))
 
 
-COMMANDS: Final = (
-    character,
-    imagine,
-    reset,
-    memory_group,
-    status,
-    newcharacter,
-    queue,
-    approve,
-    reject,
-    server_settings,
+# --- /help --------------------------------------------------------------------------------------------------
+
+TALKING: Final = (
+    "Talk to a character by mentioning me, by replying to a character's message, in a DM, or in a channel where "
+    "a character listens. Replying to a character's message talks to that character, for that message only; "
+    "/character use picks who answers here for everyone. A thread follows its channel's character until someone "
+    "picks one in the thread."
 )
+
+
+@app_commands.command(name="help")
+async def help_command(interaction: Interaction[Any]) -> None:
+    """See every command and how to talk to the characters."""
+    manager = interaction.guild is not None and (_is_admin(interaction) or interaction.permissions.manage_guild)
+    await _say(interaction, help_text(admin=_is_admin(interaction), manager=manager))
+
+
+USER_COMMANDS: Final = (character, imagine, regenerate, reset, memory_group, status, newcharacter, help_command)
+ADMIN_COMMANDS: Final = (queue, approve, reject)
+MANAGER_COMMANDS: Final = (server_settings,)
+COMMANDS: Final = USER_COMMANDS + ADMIN_COMMANDS + MANAGER_COMMANDS
+
+
+def _lines(commands: tuple[app_commands.Command[Any, Any, Any] | app_commands.Group, ...]) -> list[str]:
+    """One line per command a user can type (a group's subcommands, not the group)."""
+    leaves = [c for top in commands for c in ([top] if isinstance(top, app_commands.Command) else top.walk_commands())]
+    return [f"/{c.qualified_name} — {c.description}" for c in leaves if isinstance(c, app_commands.Command)]
+
+
+def help_text(*, admin: bool, manager: bool) -> str:
+    """How to talk, then every command with its description; admins and server managers also see theirs."""
+    text = f"{TALKING}\n\n" + "\n".join(_lines(USER_COMMANDS))
+    if admin:
+        text += "\n\nBot admins:\n" + "\n".join(_lines(ADMIN_COMMANDS))
+    if manager:
+        text += "\n\nServer managers:\n" + "\n".join(_lines(MANAGER_COMMANDS))
+    return text
 
 
 def add_commands(tree: app_commands.CommandTree[Any]) -> None:

@@ -3,7 +3,8 @@
 Stored in ``Chat`` rows: the guild's row (``platform_chat_id = "guild:<id>"``) keeps ``settings["channels"]``, the
 channels where characters may speak (empty: everywhere); a channel's row keeps ``settings["listen"]`` (a character
 answers every message there, not only mentions and replies) and ``nsfw_allowed``, which follows Discord's
-age-restricted flag of the channel (a thread follows its parent). Reading is cheap and done per message.
+age-restricted flag of the channel (a thread follows its parent). A thread also follows its parent channel's
+character (``/character use``) until one is picked in the thread itself. Reading is cheap and done per message.
 """
 
 from __future__ import annotations
@@ -15,13 +16,23 @@ import discord
 
 from bots.discord.routing import PLATFORM
 from core.db import repositories as repo
+from core.db.models import Character
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-    from core.db.models import Chat
+    from core.db.models import Chat, User
 
-__all__ = ["Place", "allow_channel", "guild_key", "home_channel", "is_age_restricted", "place_of", "set_listen"]
+__all__ = [
+    "Place",
+    "addressed",
+    "allow_channel",
+    "guild_key",
+    "home_channel",
+    "is_age_restricted",
+    "place_of",
+    "set_listen",
+]
 
 
 def guild_key(guild_id: int) -> str:
@@ -44,11 +55,16 @@ def is_age_restricted(channel: discord.abc.Messageable) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Place:
-    """What the settings say about one channel: may characters speak, do they listen to all, NSFW allowed."""
+    """What the settings say about one channel: may characters speak, do they listen to all, NSFW allowed.
+
+    ``character_id`` is the parent channel's character for a thread that has none of its own (else None: the chat
+    service picks as usual).
+    """
 
     allowed: bool
     listen: bool
     nsfw: bool
+    character_id: int | None = None
 
 
 def place_of(session: Session, channel: discord.abc.Messageable) -> Place:
@@ -63,16 +79,23 @@ def place_of(session: Session, channel: discord.abc.Messageable) -> Place:
     nsfw = is_age_restricted(channel)
     if row.nsfw_allowed != nsfw:
         row.nsfw_allowed = nsfw
-    listen = bool((row.settings or {}).get("listen")) or _listens(session, home, channel)
-    return Place(allowed=not channels or home.id in channels, listen=listen, nsfw=nsfw)  # type: ignore[attr-defined]
+    parent = None
+    if home is not channel:  # a thread: its parent channel's settings and character count too
+        parent = repo.get_or_create_chat(session, PLATFORM, str(home.id), is_group=True)  # type: ignore[attr-defined]
+    listen = bool((row.settings or {}).get("listen") or (parent and (parent.settings or {}).get("listen")))
+    inherited = parent.active_character_id if parent is not None and row.active_character_id is None else None
+    allowed = not channels or home.id in channels  # type: ignore[attr-defined]
+    return Place(allowed=allowed, listen=listen, nsfw=nsfw, character_id=inherited)
 
 
-def _listens(session: Session, home: discord.abc.Messageable, channel: discord.abc.Messageable) -> bool:
-    """A thread listens when its parent channel does."""
-    if home is channel:
-        return False
-    parent = repo.get_or_create_chat(session, PLATFORM, str(home.id), is_group=True)  # type: ignore[attr-defined]
-    return bool((parent.settings or {}).get("listen"))
+def addressed(
+    session: Session, user: User, chat: Chat, character_id: int | None, default_name: str
+) -> Character | None:
+    """Who answers: the character a message addresses (``character_id``, when published), else the chat's choice."""
+    character = session.get(Character, character_id) if character_id is not None else None
+    if character is not None and character.status == "published":
+        return character
+    return repo.resolve_character(session, user, chat, default_name)
 
 
 def _update(row: Chat, **changes: object) -> None:

@@ -5,6 +5,9 @@ as the bot with the character in the embed author) so that a restarted bot edits
 errors become the delivery's: a rate limit beyond discord.py's own retries is ``RetryLater``, a deleted channel or
 lost access is ``RecipientGone`` (the delivery is skipped and recorded), a deleted message is ``MessageGone``.
 The channel and the speaking character are looked up once, lazily, so a renderer is cheap to build.
+
+A picture goes onto a message that is already there (``attach_image``: the reply's last message, or the status
+line of an /imagine) by editing it, so the words and their picture stay one message with the picture's buttons.
 """
 
 from __future__ import annotations
@@ -98,7 +101,6 @@ class DiscordRenderer:
     """Renders one job in one Discord channel, speaking as the job's character."""
 
     limit = DISCORD_LIMIT
-    caption_limit = DISCORD_LIMIT  # a reply's scene picture goes out on one webhook message with the reply's words
     edit_interval = EDIT_INTERVAL_S
     action_interval = TYPING_INTERVAL_S
 
@@ -141,15 +143,30 @@ class DiscordRenderer:
 
     async def edit_text(self, message_id: str, text: str) -> None:
         speaker = await self._voice()
-        await _translated(lambda: speaker.edit(_decode(message_id, speaker.channel.id), text))
+        if not await _translated(lambda: speaker.edit(_decode(message_id, speaker.channel.id), text)):
+            raise MessageGone(message_id)
 
-    async def send_image(self, data: bytes, caption: str) -> str:
-        speaker = await self._voice()
+    def _picture(self, data: bytes) -> tuple[discord.File, discord.ui.View | None]:
+        """The picture as a file, and the buttons of the picture's job (for its requester)."""
         file = discord.File(io.BytesIO(data), filename=f"unichar-{self._target.job_id}.png")
         view = None
         if self._target.kind is JobKind.IMAGE and self._target.user_id:
             view = image_view(self._target.job_id, int(self._target.user_id))
+        return file, view
+
+    async def send_image(self, data: bytes, caption: str) -> str:
+        speaker = await self._voice()
+        file, view = self._picture(data)
         return _encode(await _translated(lambda: speaker.send(caption, files=[file], view=view)))
+
+    async def attach_image(self, message_id: str, data: bytes, text: str) -> str:
+        """Put the picture and its buttons on a posted message, which then reads ``text``; MessageGone if it can't."""
+        speaker = await self._voice()
+        file, view = self._picture(data)
+        posted = _decode(message_id, speaker.channel.id)
+        if not await _translated(lambda: speaker.edit(posted, text, attachments=[file], view=view)):
+            raise MessageGone(message_id)
+        return message_id
 
     async def delete(self, message_id: str) -> None:
         speaker = await self._voice()

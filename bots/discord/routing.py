@@ -3,6 +3,9 @@
 A character answers a message that mentions the bot, replies to the bot or to a character's webhook message, comes
 in a DM, or arrives in a channel or thread where an admin made a character listen. Bots and webhooks (the
 characters themselves included) are never answered, so two bots cannot talk each other into a loop.
+
+A reply to a character's message is addressed to that character (``speaker``): it answers that message, whoever
+the channel's character is, and the channel's choice stays as it was.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ if TYPE_CHECKING:
 
     from core.jobs import Attachment
 
-__all__ = ["PLATFORM", "clean_text", "incoming", "is_addressed", "replied_to"]
+__all__ = ["PLATFORM", "clean_text", "incoming", "is_addressed", "replied_to", "speaker"]
 
 PLATFORM: Final = "discord"
 
@@ -41,6 +44,16 @@ def is_addressed(message: discord.Message, me_id: int, hook_id: int | None, *, l
     if parent is None:
         return False
     return parent.author.id == me_id or (hook_id is not None and parent.webhook_id == hook_id)
+
+
+def speaker(parent: discord.Message, me_id: int, hook_id: int | None) -> str | None:
+    """The name of the character who wrote ``parent``: a message of the bot's webhook (its username), or the bot's
+    own message with the character in the embed author (where webhooks are missing); None for anything else."""
+    if hook_id is not None and parent.webhook_id == hook_id:
+        return parent.author.name
+    if parent.author.id == me_id and parent.embeds and parent.embeds[0].author.name:
+        return parent.embeds[0].author.name
+    return None
 
 
 _MENTION: Final = re.compile(r"<(@!?|@&|#)(\d+)>")
@@ -67,8 +80,11 @@ def clean_text(message: discord.Message, me_id: int) -> str:
     return re.sub(r"@(everyone|here)\b", "@\u200b\\1", text).strip()
 
 
-def incoming(message: discord.Message, text: str, images: Sequence[Attachment]) -> IncomingMessage:
-    """The neutral message the chat service stores; the chat is the channel or thread."""
+def incoming(
+    message: discord.Message, text: str, images: Sequence[Attachment], character_id: int | None = None
+) -> IncomingMessage:
+    """The neutral message the chat service stores; the chat is the channel or thread, ``character_id`` whom it
+    addresses when that is not the chat's own choice (a reply to a character, a thread following its channel)."""
     reference = message.reference
     return IncomingMessage(
         platform=PLATFORM,
@@ -80,4 +96,5 @@ def incoming(message: discord.Message, text: str, images: Sequence[Attachment]) 
         display_name=message.author.display_name,
         is_group=message.guild is not None,
         reply_to_message_id=str(reference.message_id) if reference and reference.message_id else None,
+        character_id=character_id,
     )

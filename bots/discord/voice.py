@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import discord
 
@@ -190,22 +190,36 @@ class Speaker:
         )
         return Posted(message.id, message.channel.id, False)
 
-    async def edit(self, posted: Posted, text: str) -> None:
-        """Make a message read ``text``."""
+    async def edit(self, posted: Posted, text: str, **changes: Any) -> bool:
+        """Make a message read ``text``; False when it can no longer be edited (its webhook is out of reach).
+
+        ``changes`` go to Discord's edit as they are: ``attachments`` (files to put on the message, ``[]`` to take
+        them off) and ``view`` (the buttons, None to remove them).
+        """
         if posted.via_webhook:
             hook = await self._webhook()
             if hook is None:  # permission to manage webhooks was taken away since: the message stays as it is
                 log.info("cannot edit webhook message %s any more", posted.message_id)
-                return
-            await hook.edit_message(
-                posted.message_id,
-                content=text or None,
-                allowed_mentions=NO_PINGS,
-                thread=self._thread,
-            )
-            return
+                return False
+            try:
+                await hook.edit_message(
+                    posted.message_id,
+                    content=text or None,
+                    allowed_mentions=NO_PINGS,
+                    thread=self._thread,
+                    **changes,
+                )
+            except discord.NotFound as exc:
+                if exc.code != _UNKNOWN_WEBHOOK_CODE:
+                    raise
+                log.info("webhook of channel %s was deleted; its messages stay as they are", posted.channel_id)
+                self._pool.forget(self._channel)
+                self._resolved = False
+                return False
+            return True
         partial = self._channel.get_partial_message(posted.message_id)  # type: ignore[attr-defined]
-        await partial.edit(embed=_embed(self._persona, text), allowed_mentions=NO_PINGS)
+        await partial.edit(embed=_embed(self._persona, text), allowed_mentions=NO_PINGS, **changes)
+        return True
 
     async def delete(self, posted: Posted) -> None:
         """Remove a message the character sent; one already gone is fine."""

@@ -116,6 +116,7 @@ def build_application(
         ("characters", handlers.characters),
         ("use", handlers.use),
         ("imagine", handlers.imagine),
+        ("regenerate", handlers.regenerate),
         ("status", handlers.status),
         ("help", handlers.help_command),
         ("reset", handlers.reset),

@@ -1,6 +1,6 @@
 """What users do with the bot: talk, switch characters, ask for pictures, reset, look at and prune memory.
 
-Each command is one small coroutine; the shared commands (/characters, /use, /imagine, /reset, /status, /help)
+Each command is one small coroutine; the shared commands (/characters, /use, /imagine, /regenerate, /reset, /status)
 go through ``core.chat.ChatService`` so that every frontend answers alike, and a queued job is handed to
 ``bots.delivery``. Buttons carry the id of the user who may press them (or find it in the job row), so that in a
 group nobody else can regenerate, accept or reset for you; every button press is answered.
@@ -54,6 +54,7 @@ __all__ = [
     "persona",
     "pick_character",
     "picture_message",
+    "regenerate",
     "remember",
     "reset",
     "start",
@@ -83,8 +84,8 @@ ADMIN_COMMANDS: Final[dict[str, str]] = {
 
 
 def help_text(is_admin: bool) -> str:
-    """Every command, one line each; admins also see theirs."""
-    lines = [f"/{name} {text}" for name, text in {**COMMANDS, **EXTRA_COMMANDS}.items() if name != "start"]
+    """Every command, one line each; admins also see theirs (a test keeps this equal to the registered commands)."""
+    lines = [f"/{name} {text}" for name, text in {**COMMANDS, **EXTRA_COMMANDS}.items()]
     text = "Talk to me in plain words, or send a picture and ask about it.\n\n" + "\n".join(lines)
     if is_admin:
         text += "\n\nAdmin:\n" + "\n".join(f"/{name} {text}" for name, text in ADMIN_COMMANDS.items())
@@ -176,6 +177,11 @@ async def use(update: Update, context: BotContext) -> None:
 
 async def imagine(update: Update, context: BotContext) -> None:
     """Asks the character for a picture: /imagine PROMPT."""
+    await _command(update, context)
+
+
+async def regenerate(update: Update, context: BotContext) -> None:
+    """Draws the user's last picture here again with a new seed (/regenerate N: picture N)."""
     await _command(update, context)
 
 
@@ -432,7 +438,7 @@ async def image_button(update: Update, context: BotContext) -> None:
     if await _refuse_stranger(query, owner, "Only the person who asked for this picture can do that."):
         return
     if choice == "keep":
-        await in_session(context.services, lambda session: _accept(session, job_id))
+        await in_session(context.services, lambda session: _accept(session, job_id, query.from_user.id))
         await query.answer("Kept ✅")
         await query.edit_message_reply_markup(None)
         return
@@ -440,10 +446,10 @@ async def image_button(update: Update, context: BotContext) -> None:
     await ask(update, context, incoming(update, f"/regenerate {job_id}"))  # same scene and settings, a new seed
 
 
-def _accept(session: Session, job_id: int) -> None:
+def _accept(session: Session, job_id: int, user_id: int) -> None:
     job = session.get(Job, job_id)
     if job is not None:
-        job.delivery = {**(job.delivery or {}), "accepted": True}
+        job.delivery = {**(job.delivery or {}), "accepted_by": str(user_id)}
 
 
 async def memory_button(update: Update, context: BotContext) -> None:

@@ -6,6 +6,11 @@ write lock when they begin, so that it behaves like the server databases under t
 machine has. The threads of one process queue for that lock on a lock of the process (woken as soon as it is free),
 and only the one at the head of the queue asks SQLite, polling every few milliseconds at most, instead of every
 thread waiting in SQLite's busy handler, which sleeps up to 100 ms between tries.
+
+Two lighter units of work for the job path: ``reading(sessionmaker)``, a session that only reads (on SQLite a
+DEFERRED transaction, a WAL snapshot that neither waits for the write lock nor holds it; on PostgreSQL statements
+without the BEGIN and COMMIT round trips), and ``single_statements(sessionmaker)``, a connection for statements
+that are each atomic on their own (on PostgreSQL without BEGIN and COMMIT; on SQLite a write transaction).
 """
 
 from __future__ import annotations
@@ -13,12 +18,17 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Final
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["make_engine", "make_sessionmaker"]
+__all__ = ["make_engine", "make_sessionmaker", "reading", "single_statements"]
+
+_READ_ONLY: Final = "unichar_read_only"  # execution option of a SQLite connection that only reads
+_AUTOCOMMIT: Final = {"isolation_level": "AUTOCOMMIT"}
 
 _BUSY_TIMEOUT_S = 30
 _POLL_S = (0.0002, 0.005)  # first and longest pause between tries for another process's write lock
@@ -99,7 +109,10 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyp
 
 def _sqlite_begin(connection) -> None:  # type: ignore[no-untyped-def]
     # IMMEDIATE takes the write lock up front: concurrent writers wait (busy_timeout) instead of failing
-    connection.connection.dbapi_connection.begin_immediate()
+    if connection.get_execution_options().get(_READ_ONLY):
+        connection.connection.dbapi_connection.execute("BEGIN")
+    else:
+        connection.connection.dbapi_connection.begin_immediate()
 
 
 def make_engine(url: str) -> Engine:
@@ -121,3 +134,21 @@ def make_engine(url: str) -> Engine:
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """The session factory bound to ``engine``; objects stay usable after commit."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def _engine(factory: sessionmaker[Session]) -> Engine:
+    return factory.kw["bind"]  # type: ignore[no-any-return]
+
+
+def reading(factory: sessionmaker[Session]) -> Session:
+    """A session of ``factory`` for reads only: never write in it (on PostgreSQL each statement stands alone)."""
+    sqlite = _engine(factory).dialect.name == "sqlite"
+    return factory(execution_options={_READ_ONLY: True} if sqlite else _AUTOCOMMIT)
+
+
+def single_statements(factory: sessionmaker[Session]) -> AbstractContextManager[Connection]:
+    """A connection of ``factory``'s engine for statements each atomic on its own, such as one conditional UPDATE."""
+    engine = _engine(factory)
+    if engine.dialect.name == "sqlite":  # the driver stays in autocommit; transactions are what take the write lock
+        return engine.begin()
+    return engine.connect().execution_options(**_AUTOCOMMIT)

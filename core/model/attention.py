@@ -55,16 +55,27 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
+def _scores(q: Tensor, k: Tensor) -> Tensor:
+    """``q k^T`` in float32 (``[B, Hk, Lq, Lk]``). On a GPU with half-precision inputs the product runs on tensor
+    cores with a float32 output, as flash-attn computes scores; casting the cache to float32 first cost more than
+    the rest of a decoding step's attention."""
+    if q.is_cuda and q.dtype != torch.float32:
+        B, Hk, Lq, D = q.shape
+        kt = k.transpose(-1, -2).reshape(B * Hk, D, -1)
+        return torch.bmm(q.reshape(B * Hk, Lq, D), kt, out_dtype=torch.float32).view(B, Hk, Lq, -1)
+    return q.float() @ k.float().transpose(-1, -2)
+
+
 def _math(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
     # Decoding: a handful of queries against a long cache is two batched GEMVs; fused kernels parallelise over
-    # query blocks and would leave most of the GPU idle here. Scores and weights stay float32, as in the kernels.
+    # query blocks and would leave most of the GPU idle here. Scores and the softmax are float32; the weights meet
+    # V in V's dtype with float32 accumulation, as in flash-attn.
     B, H, L, D = q.shape
     Hk = k.shape[1]
-    qf = q.reshape(B, Hk, (H // Hk) * L, D).float()
-    scores = (qf @ k.float().transpose(-1, -2)) * D**-0.5  # [B, Hk, G*L, Lk]
+    scores = _scores(q.reshape(B, Hk, (H // Hk) * L, D), k) * D**-0.5  # [B, Hk, G*L, Lk]
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    return (scores.softmax(dim=-1) @ v.float()).to(v.dtype).reshape(B, H, L, D)
+    return (scores.softmax(dim=-1).to(v.dtype) @ v).reshape(B, H, L, D)
 
 
 def attend(

@@ -146,7 +146,7 @@ class TextDecoder:
             self._forward()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # the image lane runs on meanwhile
             self._logits = self._forward()
         self._graph = graph
         logger.info("captured the decode step as a CUDA graph for %d cache positions", self.cache.capacity)

@@ -10,10 +10,10 @@ Notable:
 - RMSNorm and RoPE run in float32 and cast back afterwards, the official order (MODEL.md 2.3, 11.4); on a bf16
   GPU model this matches the official code within bf16 tolerance, on an fp32 CPU model it is exact.
 - Position ids are given per token: text tokens count up, every token of an image block shares one id.
-- :meth:`Qwen2MoTModel.fuse_projections` (the runtime's default) stores each expert's Q/K/V weights, and the MLP's
-  gate/up weights, in one tensor whose slices ARE the checkpoint's Parameters (names, strict loading, LoRA unchanged):
-  one matrix product instead of three or two, and Q and K come out already packed for the fused norm + RoPE. A
-  layer whose projections carry an active LoRA update runs the plain products.
+- :meth:`Qwen2MoTModel.fuse_projections` (the runtime's default) runs each expert's Q/K/V, and each MLP's gate/up,
+  as one matrix product over one storage whose slices ARE the checkpoint's Parameters (core.model.projection);
+  Q and K come out already packed for the fused norm + RoPE. Active LoRA updates are added on top.
+- :meth:`Qwen2MoTModel.generation_expert_to_fp8` runs the generation expert's products in FP8 (image denoising).
 """
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ from torch import Tensor, nn
 from core.model.attention import attend, compiled_attend
 from core.model.config import LLMConfig
 from core.model.kv_cache import CacheSpan, KVCache
+from core.model.projection import (
+    Projection,
+    fast_fp8_kernels,
+    run_projection,
+    silu_mul_rows,
+)
 
 __all__ = [
     "MoTAttention",
@@ -69,37 +75,6 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
-def _pointers(linears: list[nn.Module]) -> list[int]:
-    return [m.weight.data_ptr() for m in linears] + [m.bias.data_ptr() for m in linears if m.bias is not None]
-
-
-class _Fused:
-    """Several linears' weights (and biases) in one storage; each Linear's Parameters become slices of it."""
-
-    def __init__(self, linears: list[nn.Linear]) -> None:
-        with torch.no_grad():
-            self.weight = torch.cat([m.weight for m in linears])
-            self.bias = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
-        offset = 0
-        for m in linears:
-            rows = slice(offset, offset + m.weight.shape[0])
-            m.weight = nn.Parameter(self.weight[rows], requires_grad=m.weight.requires_grad)
-            if self.bias is not None:
-                m.bias = nn.Parameter(self.bias[rows], requires_grad=m.bias.requires_grad)
-            offset = rows.stop
-        self._pointers = _pointers(linears)
-
-    def usable(self, linears: list[nn.Module]) -> bool:
-        """True while the modules still share this storage (no load re-assigned them), carry no LoRA update and
-        need no gradient (the fused tensor is not a Parameter)."""
-        if torch.is_grad_enabled() and any(m.weight.requires_grad for m in linears):
-            return False
-        return all(getattr(m, "lora_A", None) is None for m in linears) and _pointers(linears) == self._pointers
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
 class Qwen2MLP(nn.Module):
     """SiLU-gated MLP without biases."""
 
@@ -108,14 +83,20 @@ class Qwen2MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.act = silu_mul  # Qwen2MoTModel.compile_kernels() swaps in a fused version
-        self.gate_up: _Fused | None = None  # set by Qwen2MoTModel.fuse_projections()
+        self.act = silu_mul  # Qwen2MoTModel.compile_kernels() swaps in fused versions of both
+        self.act_fp8 = silu_mul_rows
+        self.gate_up: Projection | None = None  # set by Qwen2MoTModel.fuse_projections()
+        self.down: Projection | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gate_up is not None and self.gate_up.usable([self.gate_proj, self.up_proj]):
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
-            return self.down_proj(self.act(gate, up))
-        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+        pair = [self.gate_proj, self.up_proj]
+        if self.gate_up is not None and self.gate_up.usable(pair):
+            gate, up = self.gate_up(x, pair).chunk(2, dim=-1)
+        else:  # training: the plain modules (no concatenation of their outputs)
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.down is not None and self.down.takes_fp8([self.down_proj]):
+            return self.down.fp8_product(*self.act_fp8(gate, up), gate.shape[:-1], gate.dtype)
+        return run_projection(self.down, [self.down_proj], self.act(gate, up))
 
 
 class Rope:
@@ -170,20 +151,15 @@ class MoTAttention(nn.Module):
             setattr(self, f"q_norm{sfx}", RMSNorm(self.head_dim, cfg.rms_norm_eps))
             setattr(self, f"k_norm{sfx}", RMSNorm(self.head_dim, cfg.rms_norm_eps))
         self.norm_rope, self.attend = qk_norm_rope, attend  # Qwen2MoTModel.compile_kernels() swaps in fused versions
-        self.qkv: dict[str, _Fused] = {}  # per expert suffix, set by Qwen2MoTModel.fuse_projections()
+        self.projections: dict[str, Projection] = {}  # "qkv"/"o" + expert suffix, set by fuse_projections()
 
     def _project(self, h: Tensor, sfx: str, rope: Rope) -> tuple[Tensor, Tensor]:
         """One expert's Q and K after norms and RoPE, packed as ``[B, L, H + Hk, D]``, and its V ``[B, L, Hk*D]``."""
         B, L, _ = h.shape
         H, Hk, D = self.num_heads, self.num_kv_heads, self.head_dim
         linears = [getattr(self, f"{n}_proj{sfx}") for n in "qkv"]
-        fused = self.qkv.get(sfx)
-        if fused is not None and fused.usable(linears):
-            qkv = fused(h).view(B, L, H + 2 * Hk, D)
-            qk, v = qkv[:, :, : H + Hk], qkv[:, :, H + Hk :].reshape(B, L, Hk * D)  # Q, K already side by side
-        else:
-            q, k, v = (m(h) for m in linears)
-            qk = torch.cat([q.view(B, L, H, D), k.view(B, L, Hk, D)], dim=2)
+        qkv = run_projection(self.projections.get("qkv" + sfx), linears, h).view(B, L, H + 2 * Hk, D)
+        qk, v = qkv[:, :, : H + Hk], qkv[:, :, H + Hk :].reshape(B, L, Hk * D)  # Q, K already side by side
         q_norm, k_norm = getattr(self, f"q_norm{sfx}"), getattr(self, f"k_norm{sfx}")
         # one fused call for both (same eps by construction)
         return self.norm_rope(qk, q_norm.weight, k_norm.weight, H, q_norm.eps, rope.cos, rope.sin), v
@@ -212,7 +188,10 @@ class MoTAttention(nn.Module):
                     for b, keys in enumerate(own)
                 ])
         outs = out.transpose(1, 2).split([h.shape[1] for h in parts], dim=1)  # [B, Li, H, D] views
-        return [getattr(self, f"o_proj{sfx}")(o.reshape(B, o.shape[1], -1)) for o, sfx in zip(outs, EXPERTS)]
+        return [
+            run_projection(self.projections.get("o" + sfx), [getattr(self, f"o_proj{sfx}")], o.reshape(B, o.shape[1], -1))
+            for o, sfx in zip(outs, EXPERTS)
+        ]
 
 
 class MoTDecoderLayer(nn.Module):
@@ -253,34 +232,64 @@ class Qwen2MoTModel(nn.Module):
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def compile_kernels(self) -> None:
-        """Fuse the element-wise work (norms, residual + norm, Q/K norm + RoPE, gated MLP, decoding attention) with
-        ``torch.compile``; GPU use."""
+        """Fuse the element-wise work (norms, residual + norm, Q/K norm + RoPE, gated MLP, decoding attention, FP8
+        input scaling) with ``torch.compile``; GPU use. Call after ``fuse_projections``."""
         if getattr(self, "kernels_compiled", False):
             return
         self.kernels_compiled = True
         fused_norm_rope, fused_silu_mul = (torch.compile(f, dynamic=True) for f in (qk_norm_rope, silu_mul))
         fused_add_norm, fused_attend = torch.compile(add_rms_norm, dynamic=True), compiled_attend()
+        fused_quantize, fused_silu_mul_rows = fast_fp8_kernels()
         for module in self.modules():
             if isinstance(module, MoTDecoderLayer):
                 module.add_norm = fused_add_norm
             elif isinstance(module, MoTAttention):
                 module.norm_rope, module.attend = fused_norm_rope, fused_attend
             elif isinstance(module, Qwen2MLP):
-                module.act = fused_silu_mul
+                module.act, module.act_fp8 = fused_silu_mul, fused_silu_mul_rows
             elif isinstance(module, RMSNorm):
                 module.compile(dynamic=True)
+        for projection, _ in self._projections(EXPERTS):
+            projection.quantize = fused_quantize
 
     def fuse_projections(self) -> None:
-        """Q/K/V and gate/up of each expert as one matrix product each; the Parameters become views (call after
-        loading: a later ``load_state_dict(assign=True)`` simply turns the fused path off for that layer)."""
+        """Q/K/V and gate/up of each expert as one matrix product each, o and down through the same path; the
+        Parameters become views (call after loading: a later ``load_state_dict(assign=True)`` simply turns the
+        fused path off for that layer)."""
         for layer in self.layers:
             attn = layer.self_attn
             for sfx in EXPERTS:
-                if sfx not in attn.qkv:
-                    attn.qkv[sfx] = _Fused([getattr(attn, f"{n}_proj{sfx}") for n in "qkv"])
+                for names in ("qkv", "o"):
+                    if names + sfx not in attn.projections:
+                        attn.projections[names + sfx] = Projection([getattr(attn, f"{n}_proj{sfx}") for n in names])
             for mlp in (layer.mlp, layer.mlp_moe_gen):
                 if mlp.gate_up is None:
-                    mlp.gate_up = _Fused([mlp.gate_proj, mlp.up_proj])
+                    mlp.gate_up, mlp.down = Projection([mlp.gate_proj, mlp.up_proj]), Projection([mlp.down_proj])
+
+    def generation_expert_to_fp8(self) -> None:
+        """Run the generation expert's products (image latents) in FP8 from now on, its bf16 weights released
+        (inference only); needs ``fuse_projections``. The understanding expert (text, ViT tokens, decoding) stays
+        in the model's dtype."""
+        projections = self._projections((GEN,))
+        if not projections:
+            raise RuntimeError("fuse_projections() first: FP8 runs through the fused projections")
+        for projection, linears in projections:
+            if projection.fp8 is None:
+                projection.to_fp8(linears)
+
+    def _projections(self, experts: tuple[str, ...]) -> list[tuple[Projection, list[nn.Module]]]:
+        """Each fused projection of ``experts`` with its member linears."""
+        out: list[tuple[Projection, list[nn.Module]]] = []
+        for layer in self.layers:
+            attn = layer.self_attn
+            for sfx in experts:
+                for names in ("qkv", "o"):
+                    if names + sfx in attn.projections:
+                        out.append((attn.projections[names + sfx], [getattr(attn, f"{n}_proj{sfx}") for n in names]))
+                mlp = getattr(layer, f"mlp{sfx}")
+                if mlp.gate_up is not None:
+                    out += [(mlp.gate_up, [mlp.gate_proj, mlp.up_proj]), (mlp.down, [mlp.down_proj])]
+        return out
 
     def forward_parts(
         self, parts: list[Tensor], positions: Tensor, *, cache: KVCache | None = None,

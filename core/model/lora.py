@@ -10,7 +10,8 @@ Notable:
   :func:`activate` points every wrapped module at one loaded :class:`Adapter`'s tensors (by reference: switching
   adapters costs no copy) and :func:`deactivate` returns to the base model. The runtime keeps an LRU of
   :class:`Adapter` objects keyed by file path and compares :func:`read_meta` versions to pick up a new file.
-  One forward pass runs with one active adapter; the caller serialises requests of different adapters.
+  One forward pass runs with one active adapter; the caller keeps requests of different adapters apart
+  (core.model.scheduling.AdapterGate).
 - Files are safetensors (``<module>.lora_A`` / ``<module>.lora_B``) with string metadata: format, base model
   hash, rank, alpha, steps, data hash and targets; :func:`load_adapter` refuses a file made for another base.
 """
@@ -79,6 +80,9 @@ class LoRALinear(nn.Linear):
         self.lora_B: Tensor | None = None  # [out, r]
         self.scaling = 0.0
         self.adapter_id: str | None = None
+        # dtype of the low-rank products; None: the input's (fp32 master factors are cast per forward, as autocast
+        # does: bf16 tensor-core products instead of fp32 ones on a bf16 base). float32 keeps the whole path in fp32.
+        self.compute_dtype: torch.dtype | None = None
 
     def init_trainable(self, rank: int, alpha: float, dtype: torch.dtype, generator: torch.Generator | None) -> None:
         """Fresh trainable factors: A Kaiming-uniform, B zero, so training starts at the base model exactly."""
@@ -98,9 +102,18 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.lora_A is None:
             return y
-        # low-rank path in the factors' dtype (fp32 master factors while training on a bf16 base)
-        h = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
-        return y + (h * self.scaling).to(y.dtype)
+        dtype = self.compute_dtype or x.dtype
+        if dtype != y.dtype:
+            return y + self.low_rank_update(x, y.dtype)
+        # the scaled update accumulates into y inside the second product: no extra passes over the output
+        h = F.linear(x, self.lora_A.to(dtype)).flatten(0, -2)
+        return torch.addmm(y.flatten(0, -2), h, self.lora_B.to(dtype).t(), alpha=self.scaling).view(y.shape)
+
+    def low_rank_update(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """``scaling * B A x`` in ``dtype``; also added on top of fused and FP8 products (core.model.projection)."""
+        compute = self.compute_dtype or x.dtype
+        h = F.linear(F.linear(x.to(compute), self.lora_A.to(compute)), self.lora_B.to(compute))
+        return (h * self.scaling).to(dtype)
 
     def extra_repr(self) -> str:
         rank = 0 if self.lora_A is None else self.lora_A.shape[0]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,8 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bots.delivery import Deliveries, MessageGone, RecipientGone, Target
 from bots.render import RetryLater, utf16_len
-from core.db.models import Base, Character, Chat, Conversation, Job, Message, User
-from core.db.session import make_engine, make_sessionmaker
+from core.db.models import Character, Chat, Conversation, Job, Message, User
 from core.jobs import (
     Done,
     Failed,
@@ -128,18 +126,6 @@ class FakeRenderer:
     async def delete(self, message_id: str) -> None:
         self.room.deleted.append(message_id)
         self.room.messages.pop(message_id, None)
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> sessionmaker[Session]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'delivery.db'}")
-    Base.metadata.create_all(engine)
-    return make_sessionmaker(engine)
-
-
-@pytest.fixture
-def files(tmp_path: Path) -> FileStore:
-    return FileStore(tmp_path / "files")
 
 
 async def until(predicate: Callable[[], Any]) -> Any:

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from core import memory
@@ -360,3 +360,51 @@ def test_terms_fold_case_plurals_stopwords_and_cjk() -> None:
     assert memory.terms("東京タワー") == ["東京", "京タ", "タワ", "ワー"]
     assert memory.terms("a I ok") == []
 
+
+
+def test_unsummarised_read_with_the_window_agrees_with_the_database(sessionmaker, small) -> None:
+    # the reply's transaction trusts MemoryContext.unsummarised instead of counting: both must say the same
+    with sessionmaker.begin() as session:
+        w = World(session)
+        conv = w.conversation(w.user("ann"), w.character("Mio"), w.chat("dm-ann"))
+        for n in range(20):
+            new = w.say(conv, f"message {n}")
+            context = memory.memory_context(session, conv, new, small, index=False)
+            w.say(conv, f"reply {n}", "character")  # the reply is stored, then the summary is checked
+            counted = memory.summary_due(session, conv, small)
+            assert memory.summary_due(session, conv, small, context.unsummarised) == counted, n
+            if counted:
+                answer = f"Summary up to {n}.\nFacts: none"
+                request = memory.summary_request(session, conv, small, words)
+                assert memory.store_summary(session, conv.id, answer, request.covers_until_message_id)
+
+
+def test_memory_read_without_indexing_writes_nothing(sessionmaker, small) -> None:
+    with sessionmaker.begin() as session:
+        w = World(session)
+        conv = w.conversation(w.user("ann"), w.character("Mio"), w.chat("dm-ann"))
+        w.say(conv, "the lighthouse keeper has a blue lantern")
+        w.talk(conv, 6)
+        new = w.say(conv, "tell me about the blue lantern")
+        context = memory.memory_context(session, conv, new, small, index=False)
+        assert context.recalled == [] and session.scalar(select(func.count()).select_from(MessageTerm)) == 0
+        assert memory.index_due(context, small)  # the reply's transaction indexes the chat
+        memory.index_chat(session, conv.chat_id)
+        later = memory.memory_context(session, conv, new, small, index=False)
+        assert later.recalled[0].text == "the lighthouse keeper has a blue lantern"  # best first
+
+
+def test_a_reply_indexes_its_turns_and_any_a_failed_job_left(sessionmaker, small) -> None:
+    with sessionmaker.begin() as session:
+        w = World(session)
+        conv = w.conversation(w.user("ann"), w.character("Mio"), w.chat("dm-ann"))
+        w.talk(conv, 6)
+        memory.index_chat(session, conv.chat_id)  # earlier replies indexed what came before
+        orphan = w.say(conv, "the red kite flew over the harbour")  # its reply failed: never indexed
+        new = w.say(conv, "do you remember the kite?")
+        context = memory.memory_context(session, conv, new, small, index=False)
+        reply = w.say(conv, "A red kite, yes.", "character")
+        memory.index_reply(session, conv, context, new, reply.id, reply.text, small)
+        indexed = session.scalars(select(MessageTerm.message_id).where(MessageTerm.term == memory.DOCUMENT)).all()
+        assert {orphan.id, new.id, reply.id} <= set(indexed)
+        assert memory.index_chat(session, conv.chat_id) == 0  # nothing was left for the catch-up

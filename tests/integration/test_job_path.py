@@ -83,7 +83,8 @@ def test_a_chat_message_is_answered_streamed_and_stored(live):
     events = events_of(live, outcome.job_id)
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
     assert text == "echo: Hello there, Furina"
-    assert sum(isinstance(e, TextDelta) for e in events) == 3  # streamed in pieces
+    # the double streams 3 pieces at once: pieces within DELTA_INTERVAL_S share an entry (tests/workers test it)
+    assert 1 <= sum(isinstance(e, TextDelta) for e in events) <= 3
     assert isinstance(events[-1], Done)
     job, replies = stored(live, outcome.job_id)
     assert (job.state, job.attempts, job.reply_message_id) == (JobState.DONE, 1, events[-1].message_id)

@@ -1,4 +1,5 @@
-"""Fused Q/K/V and gate/up products: same results, same checkpoint names, LoRA and reloads fall back to plain."""
+"""Fused Q/K/V and gate/up products: same results, same checkpoint names, LoRA on top, reloads fall back to plain;
+the generation expert in FP8."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from core.model.bagel import Bagel
 from core.model.checkpoint import load_bagel
 from core.model.config import from_checkpoint_dir
 from core.model.llm import Qwen2MoTModel
+from core.model.projection import Projection
 
 
 def _fresh(tiny_dir: Path) -> Bagel:
@@ -50,14 +52,14 @@ def test_fused_weights_keep_the_checkpoint_names_and_share_memory(pair: tuple[Ba
     for name, tensor in ref.items():
         torch.testing.assert_close(ours[name], tensor, atol=0, rtol=0)
     attn = fused.language_model.model.layers[0].self_attn
-    storage = attn.qkv[""].weight.untyped_storage().data_ptr()
+    storage = attn.projections["qkv"].weight.untyped_storage().data_ptr()
     assert all(getattr(attn, f"{n}_proj").weight.untyped_storage().data_ptr() == storage for n in "qkv")
     with torch.no_grad():  # an in-place weight update reaches the fused product
         attn.k_proj.weight.mul_(1.0)
-    assert attn.qkv[""].usable([attn.q_proj, attn.k_proj, attn.v_proj])
+    assert attn.projections["qkv"].usable([attn.q_proj, attn.k_proj, attn.v_proj])
 
 
-def test_an_active_lora_update_or_a_reassigning_load_turns_the_fused_path_off(tiny_dir: Path) -> None:
+def test_an_active_lora_update_rides_on_the_fused_path_and_a_reassigning_load_turns_it_off(tiny_dir: Path) -> None:
     plain, fused = _fresh(tiny_dir), _fresh(tiny_dir)
     fused.language_model.model.fuse_projections()
     hidden = plain.cfg.llm.hidden_size
@@ -69,7 +71,7 @@ def test_an_active_lora_update_or_a_reassigning_load_turns_the_fused_path_off(ti
                 module.lora_B.fill_(0.01)
     assert names
     layer = fused.language_model.model.layers[0]
-    assert not layer.mlp.gate_up.usable([layer.mlp.gate_proj, layer.mlp.up_proj])
+    assert layer.mlp.gate_up.usable([layer.mlp.gate_proj, layer.mlp.up_proj])
     for ours, ref in zip(_mixed_and_text(fused.language_model.model, hidden),
                          _mixed_and_text(plain.language_model.model, hidden)):
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
@@ -85,3 +87,54 @@ def test_an_active_lora_update_or_a_reassigning_load_turns_the_fused_path_off(ti
     for ours, ref in zip(_mixed_and_text(reloaded.language_model.model, hidden),
                          _mixed_and_text(doubled.language_model.model, hidden)):
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def _relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((ours - ref).norm() / ref.norm())
+
+
+def test_fp8_products_stay_within_e4m3_rounding_and_keep_lora() -> None:
+    g = torch.Generator().manual_seed(0)
+    linears = [torch.nn.Linear(64, n, bias=True) for n in (48, 16)]
+    for m in linears:
+        torch.nn.init.normal_(m.weight, generator=g)
+        torch.nn.init.normal_(m.bias, generator=g)
+    x = torch.randn(3, 5, 64, generator=g)
+    x[0, 0] = 0  # an all-zero token must not divide by zero
+    with torch.no_grad():
+        ref = torch.cat([m(x) for m in linears], dim=-1)
+        projection = Projection(linears)
+        projection.to_fp8(linears)
+        ours = projection(x, linears)
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    assert _relative_error(ours, ref) < 0.05  # e4m3 keeps 3 mantissa bits: ~2-3 % per product
+    torch.testing.assert_close(ours[0, 0], ref[0, 0])  # zero input: exactly the bias
+
+    wrapped = [lora.LoRALinear(m) for m in linears]
+    wrapped[1].init_trainable(rank=4, alpha=8, dtype=torch.float32, generator=g)
+    with torch.no_grad():
+        wrapped[1].lora_B.normal_(generator=g)
+        update = wrapped[1].low_rank_update(x, x.dtype)
+        with_lora = projection(x, wrapped)
+    torch.testing.assert_close(with_lora[..., 48:] - ours[..., 48:], update, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(with_lora[..., :48], ours[..., :48], atol=0, rtol=0)
+
+
+def test_fp8_generation_expert_leaves_text_exact_and_images_close(tiny_dir: Path) -> None:
+    plain, fp8 = _fresh(tiny_dir), _fresh(tiny_dir)
+    for model in (plain, fp8):
+        model.language_model.model.fuse_projections()
+    fp8.language_model.model.generation_expert_to_fp8()
+    gen_mlp = fp8.language_model.model.layers[0].mlp_moe_gen
+    assert gen_mlp.down_proj.weight.numel() == 0  # the bf16 copy is released
+    assert fp8.language_model.model.layers[0].mlp.down_proj.weight.numel() > 0  # the und expert keeps its own
+    hidden = plain.cfg.llm.hidden_size
+    (text, mixed), (text_ref, mixed_ref) = (_mixed_and_text(m.language_model.model, hidden) for m in (fp8, plain))
+    torch.testing.assert_close(text, text_ref, atol=0, rtol=0)  # und expert untouched
+    torch.testing.assert_close(mixed[:, [0, -1]], mixed_ref[:, [0, -1]], atol=0.05, rtol=0.05)
+    assert 0 < _relative_error(mixed[:, 1:-1], mixed_ref[:, 1:-1]) < 0.1
+
+
+def test_fp8_needs_the_fused_projections(tiny_dir: Path) -> None:
+    with pytest.raises(RuntimeError, match="fuse_projections"):
+        _fresh(tiny_dir).language_model.model.generation_expert_to_fp8()

@@ -91,6 +91,17 @@ def test_text_to_image_is_a_reproducible_png_of_the_requested_size(runtime: UniC
     assert not np.array_equal(np.asarray(image), np.asarray(other))
 
 
+def test_fp8_images_stay_close_to_bf16_and_text_is_unchanged(runtime: UniCharacterRuntime, tiny_dir: Path) -> None:
+    fp8 = UniCharacterRuntime.load(tiny_dir, device="cpu", image_fp8=True)
+    contexts, params = ImageContexts(cond=[TextSegment("a cat on a chair")]), ImageParams(**FAST, seed=11)
+    ours, ref = (np.asarray(rt.generate_image(contexts, params), dtype=np.float32) for rt in (fp8, runtime))
+    assert ours.shape == ref.shape
+    assert 0 < np.abs(ours - ref).mean() < 8  # pixel values 0-255: FP8 rounding, not another picture
+    text = TextParams(max_new_tokens=8, temperature=0.0)
+    prompt = [TextSegment("hello there")]
+    assert fp8.generate_text(prompt, text) == runtime.generate_text(prompt, text)
+
+
 def test_odd_sizes_come_back_at_the_requested_size(runtime: UniCharacterRuntime) -> None:
     image = runtime.generate_image(ImageContexts(cond=[TextSegment("x")]), ImageParams(width=50, height=21, num_timesteps=2, seed=0))
     assert image.size == (50, 21)

@@ -13,7 +13,8 @@ import torch
 
 from core.model import lora
 from core.model.api import ImageContexts, ImageParams, TextParams, TextSegment
-from core.model.runtime import TurnLock, UniCharacterRuntime
+from core.model.runtime import UniCharacterRuntime
+from core.model.scheduling import TurnLock
 
 TEXT = [TextSegment("User Input: how was your day?")]
 TEXT_PARAMS = TextParams(max_new_tokens=6, temperature=1.0, seed=3)

@@ -11,6 +11,7 @@ from PIL import Image
 from core.model.lora import read_meta
 from core.model.tokenizer import load_tokenizer
 from tests.training.builders import noise_png
+from training.attention import dense_mask
 from training.packing import ImagePart, Packer, Sample, TextPart
 from training.sft import SFTConfig, run_sft, sample_batch
 
@@ -33,9 +34,9 @@ def test_mask_follows_the_training_rules(tiny_model_dir):
     packer = Packer(load_tokenizer(tiny_model_dir), images(), latent_encoder, vit_side=70, latent_side=64)
     batch = packer.pack(SAMPLES, torch.Generator().manual_seed(0))
     assert batch.tokens == sum(packer.count(s) for s in SAMPLES)
-    und, mask = batch.num_und, batch.mask
+    und, mask = batch.num_und, dense_mask(batch.mask_tokens)
     gen = torch.arange(und, batch.tokens)
-    assert batch.is_target.all() and len(gen) == 4  # the one target image's latents, after all und tokens
+    assert batch.target_rows.tolist() == [0, 1, 2, 3] and len(gen) == 4  # the target's latents, after all und tokens
     # the first sample's text prompt: causal, so its first token sees only itself
     first_text = batch.text_slots[0]
     assert mask[first_text].sum() == 1

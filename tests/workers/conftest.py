@@ -1,4 +1,5 @@
-"""A worker context on the test's SQLite file and Redis stream database, without a broker."""
+"""A worker context on the test's SQLite file (or, where a module overrides ``worker_sessionmaker``, each database)
+and Redis stream database, without a broker."""
 
 from __future__ import annotations
 
@@ -18,11 +19,17 @@ def model() -> EchoModel:
 
 
 @pytest.fixture
-def ctx(settings, sessionmaker, redis_client, model) -> WorkerContext:
+def worker_sessionmaker(sessionmaker):
+    """The SQL store the worker context uses."""
+    return sessionmaker
+
+
+@pytest.fixture
+def ctx(settings, worker_sessionmaker, redis_client, model) -> WorkerContext:
     """What a worker process would hold, on this test's stores."""
-    add_character(sessionmaker, "Furina")
+    add_character(worker_sessionmaker, "Furina")
     return WorkerContext(
-        settings, sessionmaker, redis_client, FileStore(settings.files_dir), SharedModel(lambda: model)
+        settings, worker_sessionmaker, redis_client, FileStore(settings.files_dir), SharedModel(lambda: model)
     )
 
 

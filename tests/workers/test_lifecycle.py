@@ -9,13 +9,19 @@ import pytest
 from sqlalchemy import func, select, update
 
 from core.db.models import Job, Memory, Message
-from core.jobs import Done, Failed, JobKind, JobState, Progress, TextDelta, stream_key
+from core.jobs import Done, Failed, JobKind, JobState, Progress, TextDelta, decode_event, stream_key
 from core.streams import follow_sync
 from tests.doubles import EchoModel
 from tests.factories import incoming
 from workers import lifecycle
 from workers.shared_model import SharedModel
 from workers.tasks import execute
+
+
+@pytest.fixture
+def worker_sessionmaker(any_sessionmaker):
+    """Both databases: the claim and the reads run without BEGIN/COMMIT on PostgreSQL, in transactions on SQLite."""
+    return any_sessionmaker
 
 
 def queue(service, text: str = "hello") -> int:
@@ -39,6 +45,22 @@ def events(ctx, job_id: int) -> list:
 def set_job(ctx, job_id: int, **values) -> None:
     with ctx.sessionmaker.begin() as session:
         session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def test_text_pieces_close_together_share_a_stream_entry(ctx):
+    now = [0.0]
+    deltas = lifecycle.Deltas(ctx, 77, clock=lambda: now[0])
+    deltas.add("a")  # the first piece goes out at once: the reply starts as soon as the model's does
+    deltas.add("b")  # within the interval: gathered, nothing more sent yet
+    sent = [decode_event(fields) for _id, fields in ctx.redis.xrange(stream_key(77))]
+    assert sent == [TextDelta("a")]
+    now[0] = lifecycle.DELTA_INTERVAL_S
+    deltas.add("c")  # the interval passed: everything gathered goes out as one entry
+    now[0] += lifecycle.DELTA_INTERVAL_S / 2
+    deltas.add("d")
+    sent = [decode_event(fields) for _id, fields in ctx.redis.xrange(stream_key(77))]
+    assert sent == [TextDelta("a"), TextDelta("bc")]
+    assert deltas.rest() == [TextDelta("d")] and deltas.rest() == []  # the rest goes out with Done
 
 
 def test_one_delivery_runs_the_job(ctx, service):

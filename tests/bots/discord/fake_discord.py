@@ -4,7 +4,9 @@ One aiohttp server plays both halves: REST under ``/api/v10`` (point ``discord.h
 gateway websocket at ``/gateway`` (point ``DiscordWebSocket.DEFAULT_GATEWAY`` at it). The gateway answers IDENTIFY
 with READY and one GUILD_CREATE and acks heartbeats; tests push MESSAGE_CREATE and INTERACTION_CREATE through
 :meth:`FakeDiscord.dispatch`. Every REST call is recorded; messages (channel, webhook and interaction ones) are kept
-with their edits so that tests read what a user would see. :meth:`fail_next` injects 429, 403 or 404 answers.
+with their edits so that tests read what a user would see (an edit's multipart upload replaces the attachments
+the way Discord does: those listed in ``attachments`` stay, the uploaded files join them). :meth:`fail_next` injects
+429, 403 or 404 answers.
 """
 
 from __future__ import annotations
@@ -265,7 +267,7 @@ class FakeDiscord:
         permissions: int = ALL_PERMISSIONS,
     ) -> dict[str, Any]:
         """An INTERACTION_CREATE payload: ``kind`` 2 is a slash command, 3 a component, 4 autocomplete."""
-        channel = self.channels.get(channel_id, {"id": str(channel_id), "type": 1})
+        channel = self.channels.get(channel_id) or self.threads.get(channel_id) or {"id": str(channel_id), "type": 1}
         payload: dict[str, Any] = {
             "id": str(self.next_id()),
             "application_id": str(APP_ID),
@@ -608,9 +610,11 @@ class FakeDiscord:
         for key in ("content", "embeds", "components", "allowed_mentions", "flags"):
             if key in body:
                 posted.payload[key] = body[key]
-        if files or "attachments" in body:
-            posted.files = {**{k: v for k, v in posted.files.items() if body.get("attachments")}, **files}
-            posted.payload["attachments"] = self._attachments(posted.files)
+        if files or "attachments" in body:  # Discord keeps the listed attachments and adds the uploaded files
+            kept = {str(a["id"]) for a in body.get("attachments") or []}
+            old = [a for a in posted.payload.get("attachments") or [] if a["id"] in kept]
+            posted.files = {a["filename"]: posted.files[a["filename"]] for a in old} | files
+            posted.payload["attachments"] = old + self._attachments(files)
         posted.payload["edited_timestamp"] = TIMESTAMP
         posted.edits += 1
         return _json(posted.payload)

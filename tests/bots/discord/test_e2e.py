@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest
+from PIL import Image
 from sqlalchemy import select
 
 from core.db.models import Character, CharacterSubmission, Job
 from core.db.repositories import get_or_create_chat
-from tests.bots.discord.conftest import ADMIN_ID, OTHER_ID, USER_ID, png, run, running_bot
+from tests.bots.discord.conftest import (
+    ADMIN_ID,
+    OTHER_ID,
+    USER_ID,
+    png,
+    run,
+    running_bot,
+)
 from tests.bots.discord.fake_discord import (
     BARE_CHANNEL_ID,
     BOT_ID,
@@ -172,6 +181,21 @@ def test_newcharacter_accepts_ten_images_and_refuses_nine(stack) -> None:
             submission = session.scalars(select(CharacterSubmission)).one()
             assert (submission.name, submission.state, len(submission.images)) == ("Mira", "pending", 10)
             assert submission.consent_attested
+
+    run(body())
+
+
+def test_newcharacter_refuses_a_gif_whatever_its_name_and_keeps_nothing(stack) -> None:
+    async def body() -> None:
+        async with running_bot(stack) as (fake, _bot):
+            gif = io.BytesIO()
+            Image.open(io.BytesIO(png(seed=9))).save(gif, format="GIF")
+            event = _newcharacter(fake, [png(seed=n) for n in range(9)] + [gif.getvalue()])  # sent as mira10.png
+            await fake.dispatch("INTERACTION_CREATE", event)
+            answer = await _followup(fake, event)
+            assert answer == "Nothing was submitted:\n⚠️ mira10.png: A GIF image can't be used here: send a PNG, JPEG or WebP."
+        with stack.sessions() as session:
+            assert session.scalars(select(CharacterSubmission)).all() == []
 
     run(body())
 

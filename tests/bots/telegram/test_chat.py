@@ -132,7 +132,24 @@ def test_imagine_delivers_a_photo_with_buttons_only_the_requester_can_press(tg: 
 
             await fake.press(GROUP, ANN, photo.message_id, accept)
             await fake.wait_for(lambda: fake.find(GROUP, photo.message_id).reply_markup is None)
-            assert jobs(tg)[0].delivery["accepted"] is True
+            assert jobs(tg)[0].delivery["accepted_by"] == str(ANN)
+
+    run(body)
+
+
+def test_typed_regenerate_redraws_the_last_picture_here(tg: Live) -> None:
+    async def body() -> None:
+        async with fake_api() as fake, running_bot(tg, fake):
+            await fake.send(ANN, ANN, "/regenerate")
+            await fake.wait_for(lambda: any("no picture here" in text for text in reply_texts(fake, ANN)))
+            await fake.send(ANN, ANN, "/imagine a lighthouse in fog")
+            await fake.wait_for(delivered(tg))
+            await fake.send(ANN, ANN, "/regenerate")
+            await fake.wait_for(delivered(tg, 2))
+            await fake.wait_for(lambda: len([m for m in fake.bot_messages(ANN) if m.photo]) == 2)
+        first, again = jobs(tg)
+        assert again.params["prompt"] == first.params["prompt"] == "a lighthouse in fog"
+        assert again.params["seed"] != first.params["seed"]
 
     run(body)
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import threading
 
+from sqlalchemy import insert, select
+
 from core.db import repositories as repo
 from core.db.models import Character, User
+from core.db.session import reading, single_statements
+from core.jobs import JobKind
 from tests.conftest import count_rows
 from tests.factories import add_character
 
@@ -55,3 +59,50 @@ def test_recent_messages_window(sessionmaker):
         assert [m.text for m in repo.recent_messages(session, conversation.id, 2, before_id=ids[2])] == ["1", "2"]
         assert repo.close_conversation(session, user.id, 1, chat.id) == 1
         assert repo.active_conversation(session, user.id, 1, chat.id).id != conversation.id
+
+
+def test_resolve_turn_reads_what_storing_a_message_needs_in_one_statement(sessionmaker):
+    first, second = add_character(sessionmaker, "Ann"), add_character(sessionmaker, "Ben")
+    with sessionmaker.begin() as session:
+        assert repo.resolve_turn(session, "discord", "1", "9", JobKind.CHAT) is None  # first contact
+        user = repo.get_or_create_user(session, "discord", "1", "Ada")
+        chat = repo.get_or_create_chat(session, "discord", "9")
+        session.flush()
+        turn = repo.resolve_turn(session, "discord", "1", "9", JobKind.CHAT, default_name=" ben ")
+        assert (turn.user_id, turn.display_name, turn.chat_id) == (user.id, "Ada", chat.id)
+        assert (turn.character_id, turn.character_name, turn.conversation_id) == (second, "Ben", None)
+        assert (turn.open_jobs, turn.queued) == (0, 0)
+        user.active_character_id = first
+        session.flush()
+        conversation_id = repo.start_conversation(session, user.id, first, chat.id)
+        repo.insert_job(session, JobKind.CHAT, user.id, conversation_id)
+        repo.insert_job(session, JobKind.IMAGE, None)  # another user's picture: the image queue, not the chat's
+        turn = repo.resolve_turn(session, "discord", "1", "9", JobKind.CHAT, default_name="ben")
+        assert (turn.character_id, turn.conversation_id, turn.open_jobs, turn.queued) == (first, conversation_id, 1, 1)
+        assert repo.resolve_turn(session, "discord", "1", "9", JobKind.IMAGE).queued == 1
+        session.get(Character, first).status = "retired"  # resolved as resolve_character does
+        session.flush()
+        turn = repo.resolve_turn(session, "discord", "1", "9", JobKind.CHAT)
+        assert turn.character_id == repo.resolve_character(session, user, chat).id == second
+
+
+def test_a_turn_for_a_vanished_conversation_is_not_stored(sessionmaker):
+    add_character(sessionmaker)
+    with sessionmaker.begin() as session:
+        user = repo.get_or_create_user(session, "console", "me")
+        chat = repo.get_or_create_chat(session, "console", "me")
+        conversation_id = repo.start_conversation(session, user.id, 1, chat.id)
+        assert repo.insert_message(session, conversation_id, "user", "hi") is not None
+        assert repo.insert_message(session, conversation_id + 1, "character", "lost") is None
+
+
+def test_light_units_of_work_leave_pooled_connections_transactional(any_sessionmaker):
+    with single_statements(any_sessionmaker) as connection:  # each statement commits on its own (PostgreSQL)
+        connection.execute(insert(User.__table__).values(platform="console", platform_user_id="kept"))
+    with reading(any_sessionmaker) as session:
+        assert session.scalar(select(User.platform_user_id)) == "kept"
+    with any_sessionmaker() as session:  # the same pooled connection: a rollback must still undo
+        session.add(User(platform="console", platform_user_id="undone"))
+        session.flush()
+        session.rollback()
+    assert count_rows(any_sessionmaker, User) == {"users": 1}
