@@ -10,7 +10,7 @@ and with the other users running), the image's time, the other users' tokens/s w
 worst gap between two tokens of one reply, and their worst wait for a reply's first token.
 Prints a table last and writes JSON. ``--tiny`` runs the same code on the tiny config on the CPU (a smoke test).
 
-Usage: python -m bench.inline_bench [--out FILE] [--other-pause S [S ...]] [--tiny]
+Usage: python -m bench.inline_bench [--out FILE] [--other-pause S [S ...]] [--tiny] [--image-fp8 on|off]
 """
 
 from __future__ import annotations
@@ -156,16 +156,18 @@ def main() -> None:
     parser.add_argument("--other-pause", type=float, nargs="+", default=[0.5, 2.0],
                         help="seconds between the other users' replies (one measured turn per value)")
     parser.add_argument("--tiny", action="store_true", help="tiny config on the CPU, 64x64, 4 steps: a smoke test")
+    parser.add_argument("--image-fp8", choices=("on", "off"), default="off",
+                        help="the generation expert in FP8 (UNICHAR_IMAGE_FP8) or in bf16 (the default)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    rt = build(args.tiny, compile_kernels=None)
+    rt = build(args.tiny, compile_kernels=None, image_fp8=args.image_fp8 == "on")
     image = IMAGE if not args.tiny else dataclasses.replace(IMAGE, width=64, height=64, num_timesteps=4)
     prompt = roleplay_prompt(rt, USER_TOKENS if not args.tiny else 200, USER_TEXT)
     other = roleplay_prompt(rt, OTHER_TOKENS if not args.tiny else 120, "What ships passed today?")
     scene = scene_image_prompt(PERSONA, USER_TEXT, REPLY)
     card = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
-    results: dict[str, Any] = {"card": card, "user_prompt_tokens": rt.count_tokens(prompt),
+    results: dict[str, Any] = {"card": card, "image_fp8": args.image_fp8, "user_prompt_tokens": rt.count_tokens(prompt),
                                "other_prompt_tokens": rt.count_tokens(other), "settings": dataclasses.asdict(image)}
 
     # warm-up on the same shapes: kernels compiled, the decode graph captured for the largest cache

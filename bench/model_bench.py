@@ -9,8 +9,8 @@ shared/BENCHMARKS.md measures the official code:
   (the default) and step by step; the graph also under the loops ``generate_text`` used before (a token read
   before the next step is launched, with and without its per-token detokenising) as a same-card baseline;
 - with ``--compare-plain``, the same first without the runtime's fused (torch.compile'd) norms, RoPE and MLP;
-- images with the generation expert in bf16 and then in FP8 (``--image-fp8 compare``, the default on a GPU with FP8
-  tensor cores), with the FP8 error: one guided velocity of the first step (same inputs) against bf16, and the
+- images with the generation expert in bf16 and then in FP8 (``--image-fp8 compare``, the bench's default), with
+  the FP8 error: one guided velocity of the first step (same inputs) against bf16, and the
   PSNR of the finished image against the bf16 one of the same seed (random weights make that a worst case);
 - peak GPU memory (weights, then the peaks of image and text work).
 Prints a table last and writes JSON. ``--tiny`` runs the same code on the tiny config on the CPU (a smoke test);
@@ -215,8 +215,8 @@ def profile_image(rt: UniCharacterRuntime, params: ImageParams, path: Path) -> s
     return table
 
 
-def build(tiny: bool, compile_kernels: bool | None, image_fp8: bool | None = None) -> UniCharacterRuntime:
-    """The full-size (or tiny) random runtime; ``image_fp8`` None is the runtime's default (FP8 where supported)."""
+def build(tiny: bool, compile_kernels: bool | None, image_fp8: bool | None = False) -> UniCharacterRuntime:
+    """The full-size (or tiny) random runtime; ``image_fp8`` None: FP8 where the GPU supports it."""
     cfg = BagelConfig(llm=TINY_LLM, vit=TINY_VIT) if tiny else full_size_config()
     device = "cpu" if tiny else "cuda"
     return UniCharacterRuntime.random(cfg, device=device, dtype=torch.bfloat16, compile_kernels=compile_kernels,

@@ -9,9 +9,10 @@ Notable:
   it runs one step ahead, so detokenising and the streaming callback overlap the GPU's next step.
 - ``fuse_projections`` (default: on) runs each expert's Q/K/V and gate/up as one matrix product each, over the
   same memory as the checkpoint's Parameters; active LoRA updates are added on top (core.model.projection).
-- ``image_fp8`` (default: on for GPUs with FP8 tensor cores) runs the generation expert, i.e. the image latents, in
-  FP8 with per-channel and per-token scales: 1024x1024 in 7.4 s instead of 10.1 s on an H100, its bf16 weights
-  released. Text, the ViT and decoding stay in bf16.
+- ``image_fp8`` (default: off; None: on where the GPU has FP8 tensor cores) runs the generation expert, i.e. the
+  image latents, in FP8 with per-channel and per-token scales: 1024x1024 in 7.4 s instead of 10.1 s on an H100, its
+  bf16 weights released, but no longer the official bf16 outputs (about 11x bf16's deviation from fp32 on random
+  weights, bench/RESULTS.md). Text, the ViT and decoding stay in bf16.
 - ``compile_kernels`` (default: on CUDA) fuses the decoder's element-wise work with ``torch.compile``: on an H100
   it took a 1024x1024 image from 13.0 s to 10.6 s and cuts the ~50 small kernels per layer that bound decoding.
 - Image generation prefills each CFG context into its own cache row, left-padded so that every row's latent
@@ -135,7 +136,7 @@ class UniCharacterRuntime:
     def __init__(
         self, model: Bagel, vae: AutoEncoder, tokenizer: BagelTokenizer, *,
         model_dir: Path | None = None, cuda_graphs: bool = True, compile_kernels: bool | None = None,
-        fuse_projections: bool = True, image_fp8: bool | None = None,
+        fuse_projections: bool = True, image_fp8: bool | None = False,
     ) -> None:
         self.model, self.vae, self.tokenizer = model, vae, tokenizer
         self.cfg: BagelConfig = model.cfg
