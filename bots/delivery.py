@@ -126,6 +126,12 @@ class Renderer(Protocol):
         ...
 
 
+def _stopping() -> bool:
+    """Whether the running task was asked to stop (a cancellation some await turned into another exception)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class Deliveries:
     """Delivers jobs of one platform, each at most once per process, resumable after a restart."""
 
@@ -355,8 +361,9 @@ class _Run:
                     last_id = entry_id
                     if await self._on_event(event):
                         return
-            except TimeoutError:
-                pass  # quiet stream: the job row says whether it waits, runs, or ended with its stream gone
+            except TimeoutError:  # quiet stream: the job row says whether it waits, runs, or ended with its stream gone
+                if _stopping():
+                    raise asyncio.CancelledError from None  # a stop that raced the read's timeout: never swallow it
             snapshot = await asyncio.to_thread(self.owner.snapshot, job_id)
             if snapshot.state in TERMINAL_STATES:
                 await self._from_row(snapshot)

@@ -210,7 +210,9 @@ class EditPacer:
             try:
                 await self._task
             except asyncio.CancelledError:
-                pass
+                current = asyncio.current_task()
+                if current is not None and current.cancelling() > 0:
+                    raise  # the caller itself is being cancelled: not the edit task's cancellation to swallow
 
     def _raise_pending_error(self) -> None:
         if self._error is not None:
