@@ -18,6 +18,8 @@ Notable:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -85,18 +87,18 @@ class Qwen2MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act = silu_mul  # Qwen2MoTModel.compile_kernels() swaps in fused versions of both
         self.act_fp8 = silu_mul_rows
-        self.gate_up: Projection | None = None  # set by Qwen2MoTModel.fuse_projections()
-        self.down: Projection | None = None
+        self.projections: dict[str, Projection] = {}  # "gate_up" and "down", set by fuse_projections()
 
     def forward(self, x: Tensor) -> Tensor:
         pair = [self.gate_proj, self.up_proj]
-        if self.gate_up is not None and self.gate_up.usable(pair):
-            gate, up = self.gate_up(x, pair).chunk(2, dim=-1)
+        gate_up, down = self.projections.get("gate_up"), self.projections.get("down")
+        if gate_up is not None and gate_up.usable(pair):
+            gate, up = gate_up(x, pair).chunk(2, dim=-1)
         else:  # training: the plain modules (no concatenation of their outputs)
             gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.down is not None and self.down.takes_fp8([self.down_proj]):
-            return self.down.fp8_product(*self.act_fp8(gate, up), gate.shape[:-1], gate.dtype)
-        return run_projection(self.down, [self.down_proj], self.act(gate, up))
+        if down is not None and down.takes_fp8([self.down_proj]):
+            return down.fp8_product(*self.act_fp8(gate, up), gate.shape[:-1], gate.dtype)
+        return run_projection(down, [self.down_proj], self.act(gate, up))
 
 
 class Rope:
@@ -189,7 +191,9 @@ class MoTAttention(nn.Module):
                 ])
         outs = out.transpose(1, 2).split([h.shape[1] for h in parts], dim=1)  # [B, Li, H, D] views
         return [
-            run_projection(self.projections.get("o" + sfx), [getattr(self, f"o_proj{sfx}")], o.reshape(B, o.shape[1], -1))
+            run_projection(
+                self.projections.get("o" + sfx), [getattr(self, f"o_proj{sfx}")], o.reshape(B, o.shape[1], -1)
+            )
             for o, sfx in zip(outs, EXPERTS)
         ]
 
@@ -218,6 +222,19 @@ class MoTDecoderLayer(nn.Module):
             h, hn = self.add_norm(x, a, norm.weight, norm.eps)
             out.append(h + getattr(self, f"mlp{sfx}")(hn))
         return out
+
+
+def _projection_groups(
+    layer: MoTDecoderLayer, experts: tuple[str, ...]
+) -> Iterator[tuple[dict[str, Projection], str, list[nn.Module]]]:
+    """The linears that run as one product, per expert: (the table their Projection lives in, its key, the linears)."""
+    attn = layer.self_attn
+    for sfx in experts:
+        yield attn.projections, "qkv" + sfx, [getattr(attn, f"{n}_proj{sfx}") for n in "qkv"]
+        yield attn.projections, "o" + sfx, [getattr(attn, f"o_proj{sfx}")]
+        mlp = getattr(layer, f"mlp{sfx}")
+        yield mlp.projections, "gate_up", [mlp.gate_proj, mlp.up_proj]
+        yield mlp.projections, "down", [mlp.down_proj]
 
 
 class Qwen2MoTModel(nn.Module):
@@ -257,14 +274,9 @@ class Qwen2MoTModel(nn.Module):
         Parameters become views (call after loading: a later ``load_state_dict(assign=True)`` simply turns the
         fused path off for that layer)."""
         for layer in self.layers:
-            attn = layer.self_attn
-            for sfx in EXPERTS:
-                for names in ("qkv", "o"):
-                    if names + sfx not in attn.projections:
-                        attn.projections[names + sfx] = Projection([getattr(attn, f"{n}_proj{sfx}") for n in names])
-            for mlp in (layer.mlp, layer.mlp_moe_gen):
-                if mlp.gate_up is None:
-                    mlp.gate_up, mlp.down = Projection([mlp.gate_proj, mlp.up_proj]), Projection([mlp.down_proj])
+            for table, key, linears in _projection_groups(layer, EXPERTS):
+                if key not in table:
+                    table[key] = Projection(linears)
 
     def generation_expert_to_fp8(self) -> None:
         """Run the generation expert's products (image latents) in FP8 from now on, its bf16 weights released
@@ -279,17 +291,12 @@ class Qwen2MoTModel(nn.Module):
 
     def _projections(self, experts: tuple[str, ...]) -> list[tuple[Projection, list[nn.Module]]]:
         """Each fused projection of ``experts`` with its member linears."""
-        out: list[tuple[Projection, list[nn.Module]]] = []
-        for layer in self.layers:
-            attn = layer.self_attn
-            for sfx in experts:
-                for names in ("qkv", "o"):
-                    if names + sfx in attn.projections:
-                        out.append((attn.projections[names + sfx], [getattr(attn, f"{n}_proj{sfx}") for n in names]))
-                mlp = getattr(layer, f"mlp{sfx}")
-                if mlp.gate_up is not None:
-                    out += [(mlp.gate_up, [mlp.gate_proj, mlp.up_proj]), (mlp.down, [mlp.down_proj])]
-        return out
+        return [
+            (table[key], linears)
+            for layer in self.layers
+            for table, key, linears in _projection_groups(layer, experts)
+            if key in table
+        ]
 
     def forward_parts(
         self, parts: list[Tensor], positions: Tensor, *, cache: KVCache | None = None,

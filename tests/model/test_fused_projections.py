@@ -71,7 +71,7 @@ def test_an_active_lora_update_rides_on_the_fused_path_and_a_reassigning_load_tu
                 module.lora_B.fill_(0.01)
     assert names
     layer = fused.language_model.model.layers[0]
-    assert layer.mlp.gate_up.usable([layer.mlp.gate_proj, layer.mlp.up_proj])
+    assert layer.mlp.projections["gate_up"].usable([layer.mlp.gate_proj, layer.mlp.up_proj])
     for ours, ref in zip(_mixed_and_text(fused.language_model.model, hidden),
                          _mixed_and_text(plain.language_model.model, hidden)):
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
@@ -81,7 +81,7 @@ def test_an_active_lora_update_rides_on_the_fused_path_and_a_reassigning_load_tu
     state = {k: v.clone() * 2 for k, v in reloaded.state_dict().items()}
     reloaded.load_state_dict(state, assign=True)
     layer = reloaded.language_model.model.layers[0]
-    assert not layer.mlp.gate_up.usable([layer.mlp.gate_proj, layer.mlp.up_proj])
+    assert not layer.mlp.projections["gate_up"].usable([layer.mlp.gate_proj, layer.mlp.up_proj])
     doubled = _fresh(tiny_dir)
     doubled.load_state_dict(state)
     for ours, ref in zip(_mixed_and_text(reloaded.language_model.model, hidden),

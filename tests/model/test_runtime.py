@@ -19,6 +19,7 @@ from core.model.api import (
     TextSegment,
 )
 from core.model.runtime import UniCharacterRuntime
+from tests.model.adapters import write_random_adapter
 
 FAST = {"width": 48, "height": 32, "num_timesteps": 4}
 
@@ -180,19 +181,7 @@ def test_missing_adapter_file_is_a_clear_error(runtime: UniCharacterRuntime, tmp
 
 def test_a_character_adapter_changes_replies_and_is_switched_off_after(runtime: UniCharacterRuntime, tiny_dir: Path,
                                                                        tmp_path: Path) -> None:
-    import re
-
-    from core.model import lora
-
-    gen = torch.Generator().manual_seed(0)
-    patterns = [re.compile(t) for t in lora.ALL_TARGETS]
-    tensors = {}
-    for name, module in runtime.model.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(p.fullmatch(name) for p in patterns):
-            tensors[f"{name}.lora_A"] = torch.randn(2, module.in_features, generator=gen)
-            tensors[f"{name}.lora_B"] = torch.randn(module.out_features, 2, generator=gen)
-    meta = lora.AdapterMeta(base_model_hash=lora.base_model_hash(tiny_dir), rank=2, alpha=8.0)
-    path = lora.save_adapter(tmp_path / "char.safetensors", tensors, meta)
+    path = write_random_adapter(runtime, tiny_dir, tmp_path / "char.safetensors", seed=0)
     ctx, params = [TextSegment("hello there")], TextParams(max_new_tokens=8, temperature=0.0)
     base = runtime.generate_text(ctx, params)
     adapted = runtime.generate_text(ctx, params, adapter=str(path))

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from core.model import lora
 from core.model.api import ImageContexts, ImageParams, TextParams, TextSegment
 from core.model.runtime import UniCharacterRuntime
 from core.model.scheduling import TurnLock
+from tests.model.adapters import write_random_adapter
 
 TEXT = [TextSegment("User Input: how was your day?")]
 TEXT_PARAMS = TextParams(max_new_tokens=6, temperature=1.0, seed=3)
@@ -42,23 +41,11 @@ def test_the_lock_serves_in_order_so_a_thread_asking_again_queues_behind_waiters
     assert order == ["waiter", "image"]
 
 
-def _adapter(runtime: UniCharacterRuntime, tiny_dir: Path, path: Path) -> str:
-    gen = torch.Generator().manual_seed(1)
-    patterns = [re.compile(t) for t in lora.ALL_TARGETS]
-    tensors = {}
-    for name, module in runtime.model.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(p.fullmatch(name) for p in patterns):
-            tensors[f"{name}.lora_A"] = torch.randn(2, module.in_features, generator=gen)
-            tensors[f"{name}.lora_B"] = torch.randn(module.out_features, 2, generator=gen)
-    meta = lora.AdapterMeta(base_model_hash=lora.base_model_hash(tiny_dir), rank=2, alpha=8.0)
-    return str(lora.save_adapter(path, tensors, meta))
-
-
 @pytest.mark.parametrize("image_adapter", [False, True], ids=["base", "image-with-adapter"])
 def test_a_text_reply_completes_while_a_long_image_is_still_rendering(
     runtime: UniCharacterRuntime, tiny_dir: Path, tmp_path: Path, image_adapter: bool
 ) -> None:
-    adapter = _adapter(runtime, tiny_dir, tmp_path / "char.safetensors") if image_adapter else None
+    adapter = write_random_adapter(runtime, tiny_dir, tmp_path / "char.safetensors", seed=1) if image_adapter else None
     text_alone = runtime.generate_text(TEXT, TEXT_PARAMS)
     image_alone = runtime.generate_image(SCENE, LONG_IMAGE, adapter=adapter)
 

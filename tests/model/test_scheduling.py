@@ -12,7 +12,7 @@ from core.model import lora
 from core.model.api import TextParams, TextSegment
 from core.model.runtime import UniCharacterRuntime
 from core.model.scheduling import AdapterGate
-from tests.model.test_runtime_concurrency import _adapter
+from tests.model.adapters import write_random_adapter
 
 GUARD_S = 60  # not a timing assertion: only stops a broken gate from hanging the suite
 
@@ -108,7 +108,7 @@ def test_a_text_reply_runs_while_the_image_lane_holds_the_model(runtime: UniChar
         thread.join(GUARD_S)
         assert replies == [alone]  # answered beside the step, not after it
 
-    character = runtime._adapter(_adapter(runtime, tiny_dir, tmp_path / "char.safetensors"))
+    character = runtime._adapter(write_random_adapter(runtime, tiny_dir, tmp_path / "char.safetensors", seed=1))
     with runtime._image_turn(character):  # a step with a character's adapter: base-model text must wait for it
         thread = threading.Thread(target=reply, daemon=True)
         thread.start()
