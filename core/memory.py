@@ -58,6 +58,7 @@ from core.db.models import (
     SubmissionImage,
     User,
 )
+from core.db.prepared import Prepared
 from core.jobs import TERMINAL_STATES, JobKind
 from core.model.api import TextSegment
 
@@ -103,7 +104,6 @@ SUMMARY_REPLY_TOKENS: Final = 400
 TURN_ROLES: Final = ("user", "character")
 MAX_POSTINGS: Final = 2000  # postings read per recall: the rarest query terms first
 QUERY_TERMS: Final = 8  # the rarest terms of the new message that recall searches for
-_INSERTS: Final = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}  # both can skip existing rows
 _NO_TERM: Final = "-"  # pads the query's terms; never a term (terms are letters and digits)
 _NO_END: Final = 2**62  # a message id above every real one
 RESCAN_TURNS: Final = 20  # the chat's latest turns checked again by the indexer
@@ -230,9 +230,8 @@ def _index(session: Session, chat_id: int, rows: Iterable[tuple[int, int, str]])
              "count": n, "length": length}
             for term, n in counts.items()
         )
-    if postings:  # another worker may index the same turns at the same time: the first one wins
-        connection = session.connection()  # Core executemany: the ORM's bulk path costs more than the rows
-        connection.execute(_INSERTS[connection.dialect.name](MessageTerm).on_conflict_do_nothing(), postings)
+    if postings:
+        _NEW_POSTINGS[session.get_bind().dialect.name].many(session, postings)
 
 
 def index_reply(
@@ -325,7 +324,7 @@ def _window_rows(
 ) -> list[Any]:
     """The last ``limit`` turns of ``conversation_ids`` from ``arrived`` and before ``before_id``, oldest first."""
     params = {"conversations": conversation_ids, "arrived": arrived, "before": before_id or _NO_END, "limit": limit}
-    return list(reversed(session.execute(_WINDOW, params).all()))
+    return list(reversed(_WINDOW.all(session, params)))
 
 
 def window(session: Session, conversation: Conversation, before_id: int | None, limit: int) -> list[Turn]:
@@ -361,7 +360,7 @@ def _bm25_statement() -> Select[tuple[int, float]]:
 
 # Statements built once (building them is most of the cost of a small query); the caller binds the values.
 _UNINDEXED = _unindexed_statement()
-_WINDOW = (
+_WINDOW = Prepared(
     select(*_TURN_COLUMNS)
     .where(
         _MESSAGES.conversation_id.in_(bindparam("conversations", expanding=True)),
@@ -372,13 +371,13 @@ _WINDOW = (
     .order_by(_MESSAGES.id.desc())
     .limit(bindparam("limit"))
 )
-_TERM_STATS = (
+_TERM_STATS = Prepared(
     select(_TERMS.term, func.count(), func.sum(_TERMS.length))
     .where(_TERMS.term.in_(bindparam("terms", expanding=True)), *_heard())
     .group_by(_TERMS.term)
 )
 _BM25_TOP = _bm25_statement().subquery()
-_BM25 = (  # the best turns themselves, best first, in the same statement
+_BM25 = Prepared(  # the best turns themselves, best first, in the same statement
     select(*_TURN_COLUMNS)
     .join(_BM25_TOP, _BM25_TOP.c.message_id == _MESSAGES.id)
     .order_by(_BM25_TOP.c.score.desc(), _MESSAGES.id.desc())
@@ -404,7 +403,7 @@ _SUMMARY = (
     .order_by(_MEMORIES.covers_until_message_id.desc(), _MEMORIES.id.desc())
     .limit(1)
 )
-_FACTS_AND_SUMMARIES = (  # what a reply reads of both, in one statement, as plain rows
+_FACTS_AND_SUMMARIES = Prepared(  # what a reply reads of both, in one statement, as plain rows
     select(Memory.__table__)
     .where(
         _FACTS.whereclause  # type: ignore[arg-type]
@@ -428,7 +427,7 @@ def recall(
         index_chat(session, conversation.chat_id)
     conversation_ids, arrived = _scope(session, conversation)
     scope = {"chat_id": conversation.chat_id, "conversations": conversation_ids, "arrived": arrived, "before": before_id}
-    stats = session.execute(_TERM_STATS, {"terms": [*wanted, DOCUMENT], **scope}).all()
+    stats = _TERM_STATS.all(session, {"terms": [*wanted, DOCUMENT], **scope})
     df = {term: n for term, n, _ in stats if term != DOCUMENT}
     if not df:
         return []
@@ -447,7 +446,7 @@ def recall(
         term = chosen[i] if i < len(chosen) else _NO_TERM
         params[f"t{i}"] = term
         params[f"w{i}"] = math.log(1 + (total - df[term] + 0.5) / (df[term] + 0.5)) if term in df else 0.0
-    return _turns(session, session.execute(_BM25, params).all())
+    return _turns(session, _BM25.all(session, params))
 
 
 def facts(session: Session, user_id: int, character_id: int, chat_id: int) -> list[Memory]:
@@ -481,7 +480,7 @@ def memory_context(
         "user_id": conversation.user_id, "character_id": conversation.character_id,
         "chat_id": conversation.chat_id, "conversation_id": conversation.id,
     }
-    memories = session.execute(_FACTS_AND_SUMMARIES, params).all()
+    memories = _FACTS_AND_SUMMARIES.all(session, params)
     summaries = [m for m in memories if m.kind == SUMMARY]  # as latest_summary orders them
     summary = max(summaries, key=lambda m: (m.covers_until_message_id or 0, m.id), default=None)
     known = sorted((m for m in memories if m.kind != SUMMARY), key=lambda m: m.kind != PINNED)  # as facts() does
@@ -536,10 +535,16 @@ _PENDING = (
         _MESSAGES.id <= bindparam("boundary"),
     )
 )
-_OPEN_SUMMARY = select(_JOBS.id).where(
-    _JOBS.conversation_id == bindparam("conversation_id"),
-    _JOBS.kind == JobKind.SUMMARY,
-    _JOBS.state.not_in(list(TERMINAL_STATES)),
+_NEW_POSTINGS: Final = {  # another worker may index the same turns at the same time: the first one wins
+    name: Prepared(insert(MessageTerm.__table__).on_conflict_do_nothing())
+    for name, insert in (("sqlite", sqlite.insert), ("postgresql", postgresql.insert))
+}
+_OPEN_SUMMARY = Prepared(
+    select(_JOBS.id).where(
+        _JOBS.conversation_id == bindparam("conversation_id"),
+        _JOBS.kind == JobKind.SUMMARY,
+        _JOBS.state.not_in(list(TERMINAL_STATES)),
+    )
 )
 
 
@@ -569,7 +574,7 @@ def summary_due(
         unsummarised = session.scalar(_PENDING, params) or 0
     if unsummarised < settings.summary_every:
         return False
-    return session.scalar(_OPEN_SUMMARY, {"conversation_id": conversation.id}) is None
+    return _OPEN_SUMMARY.scalar(session, {"conversation_id": conversation.id}) is None
 
 
 def summary_request(

@@ -23,6 +23,7 @@ from sqlalchemy import bindparam, select, update
 
 from core.db import repositories as repo
 from core.db.models import Job, utcnow
+from core.db.prepared import Prepared
 from core.db.session import reading, single_statements
 from core.jobs import TERMINAL_STATES, Done, Failed, JobEvent, JobKind, JobState, Progress, TextDelta
 from core.streams import publish_all
@@ -101,7 +102,7 @@ _GIVE_UP = (
     .where(_JOBS.id == bindparam("job_id"))
     .values(state=JobState.FAILED, error=bindparam("error"), finished_at=bindparam("now"))
 )
-_COMPLETE = (
+_COMPLETE = Prepared(
     update(Job.__table__)
     .where(*_OWNED)
     .values(
@@ -122,7 +123,7 @@ _CLAIMABLE = select(  # the columns a claim reads
     _JOBS.kind, _JOBS.state, _JOBS.attempts, _JOBS.started_at, _JOBS.user_id, _JOBS.conversation_id,
     _JOBS.request_message_id, _JOBS.params,
 ).where(_JOBS.id == bindparam("job_id"))
-_CLAIM_QUEUED = (  # the usual case in one statement: a queued job becomes running, its attempt counted
+_CLAIM_QUEUED = Prepared(  # the usual case in one statement: a queued job becomes running, its attempt counted
     update(Job.__table__)
     .where(_JOBS.id == bindparam("job_id"), _JOBS.state == JobState.QUEUED)
     .values(state=JobState.RUNNING, attempts=_JOBS.attempts + 1, started_at=bindparam("now"), error=None)
@@ -150,7 +151,7 @@ def claim(ctx: WorkerContext, job_id: int, redelivered: bool = False) -> Claim |
     """Start an attempt at the job, or None when there is nothing to do (missing, finished, or running elsewhere)."""
     now = utcnow()
     with single_statements(ctx.sessionmaker) as connection:  # each statement is atomic: one conditional UPDATE
-        claimed = connection.execute(_CLAIM_QUEUED, {"job_id": job_id, "now": now}).first()
+        claimed = _CLAIM_QUEUED.first(connection, {"job_id": job_id, "now": now})
         if claimed is not None:
             attempt, job = claimed.attempts, claimed
         else:
@@ -277,7 +278,7 @@ def complete(
             message_id = repo.insert_message(session, claim.conversation_id, "character", text, image_keys)
         owned = {"job_id": claim.job_id, "attempt": claim.attempt}
         values = {"reply_id": message_id, "result": dict(result or {}), "now": utcnow()}
-        done = session.execute(_COMPLETE, {**owned, **values}).rowcount
+        done = _COMPLETE.rowcount(session, {**owned, **values})
         if done != 1:
             state = session.scalar(select(_JOBS.state).where(_JOBS.id == claim.job_id))
             if state is None or state is JobState.CANCELLED:

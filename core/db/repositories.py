@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.db.models import Character, Chat, Conversation, Job, Message, User, utcnow
+from core.db.prepared import Prepared
 from core.jobs import QUEUE_OF_KIND, TERMINAL_STATES, JobKind, JobState
 
 __all__ = [
@@ -236,7 +237,7 @@ def resolve_turn(
         "platform_chat_id": platform_chat_id,
         "default_name": default_name.strip().lower() or None,  # NULL matches no name
     }
-    row = session.execute(_TURN[QUEUE_OF_KIND[kind]], params).first()
+    row = _TURN[QUEUE_OF_KIND[kind]].first(session, params)
     return Turn(*row) if row is not None else None
 
 
@@ -289,7 +290,7 @@ def insert_message(
         "platform_reply_ids": [],
         "created_at": utcnow(),
     }
-    return session.execute(_NEW_MESSAGE, values).scalar()
+    return _NEW_MESSAGE.scalar(session, values)  # type: ignore[no-any-return]
 
 
 def add_message(
@@ -337,7 +338,7 @@ def insert_job(
         "created_at": now,
         "queued_at": now,
     }
-    return int(session.execute(_NEW_JOB, values).inserted_primary_key[0])
+    return int(_NEW_JOB.scalar(session, values))
 
 
 def create_job(
@@ -357,15 +358,15 @@ def _waiting_for(user_id: int) -> ColumnElement[bool]:
     return (Job.user_id == user_id) & Job.kind.in_(USER_KINDS) & Job.state.not_in(list(TERMINAL_STATES))
 
 
-_TURN = {queue: _turn_statement(queue) for queue in set(QUEUE_OF_KIND.values())}
+_TURN = {queue: Prepared(_turn_statement(queue)) for queue in set(QUEUE_OF_KIND.values())}
 _RENAME = (
     update(User.__table__)
     .where(User.__table__.c.id == bindparam("user_id"))
     .values(display_name=bindparam("new_name"))
 )
 _NEW_CONVERSATION = insert(Conversation.__table__)
-_NEW_MESSAGE = _new_message_statement()
-_NEW_JOB = insert(Job.__table__)
+_NEW_MESSAGE = Prepared(_new_message_statement())
+_NEW_JOB = Prepared(insert(Job.__table__).returning(Job.__table__.c.id))
 _COUNT_OPEN = select(func.count()).select_from(Job).where(_waiting_for(bindparam("user_id")))  # type: ignore[arg-type]
 
 
