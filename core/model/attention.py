@@ -5,8 +5,10 @@ Layout is batched ``[B, H, L, D]``. Causal attention with fewer queries than key
 non-causal. Rows of different context lengths are left-padded, so ``key_mask`` only ever hides keys.
 Decoding's few-query path is a dozen small kernels per layer; :func:`compiled_attend` fuses it (GPU use).
 
-For non-causal attention GQA costs nothing: the ``G`` query heads that share a KV head are folded into the query
-length (``[B, Hkv, G*Lq, D]``), so K/V are never repeated and SDPA's flash / memory-efficient kernels apply.
+Non-causal attention takes the query heads as the projections write them (``[B, L, H, D]`` memory, seen as
+``[B, H, L, D]``) with SDPA's own GQA: cuDNN and flash read each K/V head for its group of query heads without
+repeating it, and write the output in the query's layout, so it reaches ``o_proj`` with no copy. (Folding the group
+into the query length, as before, needed head-major queries: a copy in and a copy out around every call.)
 """
 
 from __future__ import annotations
@@ -33,13 +35,9 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
     return out.transpose(1, 2)
 
 
-def _folded(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
-    # B = batch, H = query heads, Hk = kv heads, G = H // Hk, L = queries, D = head dim
-    B, H, L, D = q.shape
-    Hk = k.shape[1]
-    qf = q.reshape(B, Hk, (H // Hk) * L, D)
+def _full(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(qf, k, v, attn_mask=mask).reshape(B, H, L, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 def _causal(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
@@ -90,7 +88,7 @@ def attend(
         return _causal(q, k, v, key_mask)
     if q.shape[2] == 1:
         return few_queries(q, k, v, key_mask)
-    return _folded(q, k, v, key_mask)
+    return _full(q, k, v, key_mask)
 
 
 def compiled_attend() -> Callable[..., Tensor]:

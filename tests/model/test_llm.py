@@ -105,7 +105,8 @@ def test_mixed_layout_routes_markers_to_und_and_latents_to_gen(runtime: UniChara
     x = torch.randn(1, 5, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
     rope = Rope(torch.zeros(1, 1, dtype=torch.long), cfg.head_dim, cfg.rope_theta)
     with torch.inference_mode():
-        got = torch.cat(layer([x[:, :2], x[:, 2:]], rope, None, 0, None, causal=False), dim=1)
+        hs, mlps = layer([x[:, :2], x[:, 2:]], rope, None, 0, None, causal=False)
+        got = torch.cat([h + m for h, m in zip(hs, mlps)], dim=1)
         want = _reference_layer(layer, x, ["", "", "_moe_gen", "_moe_gen", "_moe_gen"], cfg)
         und = _reference_layer(layer, x, [""] * 5, cfg)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -121,3 +122,40 @@ def test_mixed_forward_keeps_the_marker_latents_marker_layout(runtime: UniCharac
         und, gen = model.forward_parts([x[:, [0, -1]], x[:, 1:-1]], pos, causal=False)
     torch.testing.assert_close(merged[:, 1:-1], gen)
     torch.testing.assert_close(merged[:, [0, -1]], und)
+
+
+def _reference_norm_rope(x, weight, eps, cos, sin):
+    """The official Q/K norm then rotate-half RoPE: ``h cos + [-h2, h1] sin`` on the normed ``h``, float32."""
+    h = x.float()
+    h = weight.float() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))
+    h1, h2 = h.chunk(2, dim=-1)
+    return (h * cos + torch.cat([-h2, h1], dim=-1) * sin).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_rope_is_the_official_rotate_half_bit_for_bit(dtype: torch.dtype) -> None:
+    from core.model.llm import Rope, norm_rope
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 7, 6, 16, generator=g).to(dtype)
+    weight = (torch.rand(6, 16, generator=g) + 0.5).to(dtype)
+    rope = Rope(torch.arange(14).view(2, 7) * 3, 16, 10000.0)
+    got = norm_rope(x, weight, 1e-6, rope.cos, rope.sin)
+    assert torch.equal(got, _reference_norm_rope(x, weight, 1e-6, rope.cos, rope.sin))
+
+
+def test_joint_qkv_norm_rope_joins_the_parts_each_with_its_own_norms() -> None:
+    from core.model.llm import Rope, joint_qkv_norm_rope
+
+    g = torch.Generator().manual_seed(6)
+    H, Hk, D = 4, 2, 16
+    qkv = [torch.randn(2, n, H + 2 * Hk, D, generator=g) for n in (2, 5)]
+    norms = [(torch.rand(D, generator=g) + 0.5, torch.rand(D, generator=g) + 0.5) for _ in qkv]
+    rope = Rope(torch.tensor([[4], [9]]), D, 10000.0)
+    qk, v = joint_qkv_norm_rope(qkv, norms, H, 1e-6, rope.cos, rope.sin)
+    want_qk, want_v = [], []
+    for x, (qw, kw) in zip(qkv, norms):
+        weight = torch.cat([qw.expand(H, -1), kw.expand(Hk, -1)])
+        want_qk.append(_reference_norm_rope(x[:, :, : H + Hk], weight, 1e-6, rope.cos, rope.sin))
+        want_v.append(x[:, :, H + Hk :])
+    assert torch.equal(qk, torch.cat(want_qk, dim=1)) and torch.equal(v, torch.cat(want_v, dim=1))
