@@ -128,8 +128,11 @@ class _Shape:
 
 class Prepared:
     """A Core statement (``select``, ``insert``, ``update``, ``delete``, with ``RETURNING`` where wanted) run on the
-    driver. Build it once at import, like the statement; call it with the Session or Connection of the transaction
-    (a Session's pending ORM changes are flushed first, as ``Session.execute`` would).
+    driver. Build it once at import, like the statement; call it with the Session or Connection of the transaction.
+
+    A Session's transaction begins here if it has not (a pending ORM change is flushed first, as ``Session.execute``
+    would do). A Connection must already be in its transaction (``engine.begin()``) or in AUTOCOMMIT: the driver's
+    own statements never start one that SQLAlchemy would know to commit.
     """
 
     __slots__ = ("_lock", "_shapes", "statement")
