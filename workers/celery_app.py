@@ -3,8 +3,8 @@
 A task carries only a job id; the job row is the truth. Late acks with reject-on-worker-lost mean a worker that
 dies mid-job leaves its message unacknowledged, and Redis hands it out again after the visibility timeout, which
 is longer than the longest job so a healthy job is never handed out twice. One message per worker thread at a time
-(prefetch 1) keeps a long image job from holding other users' replies hostage. No result backend: results are
-rows and event streams.
+(prefetch 1) keeps a long image job from holding other users' replies hostage, and pictures never take a worker's
+last thread while it also serves replies. No result backend: results are rows and event streams.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def configure(celery: Celery, settings: Settings, **overrides: object) -> None:
     celery.conf.update(
         broker_url=settings.redis_url,
         broker_transport="workers.broker:Transport",  # kombu's Redis transport, minus a client object per message
-        broker_transport_options={"visibility_timeout": int(longest * 1.25) + 60},
+        # a worker on chat and image keeps one thread for replies however many pictures wait (workers.broker)
+        broker_transport_options={"visibility_timeout": int(longest * 1.25) + 60, "leave_free": {"image": 1}},
         broker_connection_retry_on_startup=True,
         result_backend=None,
         task_ignore_result=True,
