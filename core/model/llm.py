@@ -309,6 +309,12 @@ class Qwen2MoTModel(nn.Module):
         # Shapes are dynamic only in the dims that vary (tokens, rows: marked on the second shape seen), feature dims
         # stay static: on an H100 the gated MLP's element-wise pass ran at 1.6 TB/s with every dim dynamic, 2.8 TB/s
         # (the copy rate) with static feature dims. A new shape of a varying dim still compiles once.
+        # Rows (1-3 CFG branches), one token or many, 2-D or 3-D inputs each stay a version of their own: the tiny
+        # model's text, VQA and images already made 6 of RMSNorm.forward, and past dynamo's default limit of 8 the
+        # rest would run uncompiled without a word. The versions are few and fixed; the limit only guards loops.
+        import torch._dynamo  # loaded by torch.compile anyway; imported here for its config
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         fused_norm_rope, fused_joint_norm_rope, fused_silu_mul, fused_add_norm = (
             torch.compile(f) for f in (qk_norm_rope, joint_qkv_norm_rope, silu_mul, add_rms_norm)
         )
