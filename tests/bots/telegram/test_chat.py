@@ -176,14 +176,14 @@ class PausingPainter(EchoModel):
 def test_queue_position_and_percent_are_shown_while_pictures_render(tg: Live) -> None:
     painter = PausingPainter()
     tg.use_model(painter)
-    users = [8001 + i for i in range(6)]  # the worker runs 4 at once: the 5th and 6th wait in the queue
+    users = [8001 + i for i in range(6)]  # the worker draws 3 at once (its 4th thread is kept for replies)
 
     async def body() -> None:
         async with fake_api() as fake, running_bot(tg, fake):
             for user in users:
                 await fake.send(user, user, "/imagine a lantern festival")
             last = users[-1]
-            await fake.wait_for(lambda: any("1 job ahead" in m.text for m in fake.bot_messages(last)))
+            await fake.wait_for(lambda: any("2 jobs ahead" in m.text for m in fake.bot_messages(last)))
             first = users[0]
             await fake.wait_for(lambda: any("50%" in m.text for m in fake.bot_messages(first)))
             painter.resume.set()
