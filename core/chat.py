@@ -234,8 +234,7 @@ class ChatService:
         turn = repo.resolve_turn(*args)
         if turn is None:  # a new user or chat
             self._who(session, message)
-            session.flush()
-            turn = repo.resolve_turn(*args)
+            turn = repo.resolve_turn(*args)  # the new rows are flushed first
             if turn is None:  # the rows were created just now
                 raise LookupError(f"user {message.user_id} or chat {message.chat_id} vanished while being created")
         elif message.display_name and turn.display_name != message.display_name:

@@ -302,7 +302,6 @@ def add_message(
     platform_message_id: str | None = None,
 ) -> Message:
     """Append a turn to ``conversation``, as an ORM row."""
-    session.flush()  # Core statements do not flush the session's pending changes
     message_id = insert_message(session, conversation.id, role, text, image_keys, platform_message_id)
     if message_id is None:
         raise LookupError(f"conversation {conversation.id} no longer exists")
@@ -350,7 +349,6 @@ def create_job(
     params: dict[str, object] | None = None,
 ) -> Job:
     """A queued job row, as an ORM row; the caller dispatches it after commit."""
-    session.flush()  # Core statements do not flush the session's pending changes
     return session.get_one(Job, insert_job(session, kind, user_id, conversation_id, request_message_id, params))
 
 
