@@ -8,6 +8,10 @@ CPU time per message by process (frontend, worker, redis-server and, with Postgr
 database) for the sequential run and for the throughput run.
 
     python -m bench.pipeline [--db sqlite,postgresql] [--messages 1000] [--users 50] [--per-user 20]
+                             [--worker-cpus all 1]
+
+Each database is measured once per ``--worker-cpus`` entry: the worker on every core (``all``), then kept to the
+listed cores (``UNICHAR_WORKER_CPUS``, as a GPU worker is deployed; by default the machine's last core).
 
 Goal (issue 2): p50 under 10 ms, at least 200 messages/s with 50 concurrent users, on a 2-core machine.
 """
@@ -51,6 +55,7 @@ class Result:
     """One database's figures; ``cpu_ms`` is CPU time per sequential message by process (load-independent)."""
 
     database: str
+    worker_cpus: str  # "all", or the cores the worker kept to
     p50_ms: float
     p99_ms: float
     mean_ms: float
@@ -103,13 +108,14 @@ class _CpuMeter:
         return out
 
 
-def _settings(data_dir: Path, database_url: str, redis_url: str, threads: int) -> Settings:
+def _settings(data_dir: Path, database_url: str, redis_url: str, threads: int, worker_cpus: str = "") -> Settings:
     return Settings(  # type: ignore[call-arg]
         _env_file=None,
         data_dir=data_dir,
         database_url=database_url,
         redis_url=redis_url,
         worker_threads=threads,
+        worker_cpus=worker_cpus,
         log_level="WARNING",
     )
 
@@ -144,6 +150,7 @@ def _worker(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
         "UNICHAR_DATABASE_URL": settings.database_url,
         "UNICHAR_REDIS_URL": settings.redis_url,
         "UNICHAR_WORKER_THREADS": str(settings.worker_threads),
+        "UNICHAR_WORKER_CPUS": ",".join(map(str, settings.worker_cpus)),
         "UNICHAR_LOG_LEVEL": settings.log_level,
     }
     process = subprocess.Popen([sys.executable, "-m", "bench.pipeline", "worker"], env=env)
@@ -157,7 +164,7 @@ def _worker(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
 def run_worker() -> int:
     """The worker process: the production worker, its model swapped for the zero-cost double."""
     from tests.doubles import EchoModel
-    from workers.celery_app import app, configure, worker_argv
+    from workers.celery_app import app, configure, start_worker
     from workers.context import context_from_settings, install_context
     from workers.shared_model import SharedModel
 
@@ -166,7 +173,7 @@ def run_worker() -> int:
     model.calls = _Discard()  # the double's call log would grow for the whole run
     install_context(context_from_settings(settings, SharedModel(lambda: model)))
     configure(app, settings)
-    app.worker_main(worker_argv(settings, ["chat"]))
+    start_worker(settings, ["chat"])
     return 0
 
 
@@ -222,7 +229,7 @@ class Client:
         self.engine.dispose()
 
 
-def measure(database: str, database_url: str, redis_url: str, args: argparse.Namespace) -> Result:
+def measure(database: str, database_url: str, redis_url: str, worker_cpus: str, args: argparse.Namespace) -> Result:
     """Latency over ``args.messages`` sequential messages, then throughput with ``args.users`` concurrent users.
 
     Both phases spread the messages over ``args.users`` users, so conversations stay a chat session long (the
@@ -230,7 +237,7 @@ def measure(database: str, database_url: str, redis_url: str, args: argparse.Nam
     """
     Redis.from_url(redis_url).flushall()
     with tempfile.TemporaryDirectory(prefix="unichar-bench-") as folder:
-        settings = _settings(Path(folder), database_url, redis_url, args.threads)
+        settings = _settings(Path(folder), database_url, redis_url, args.threads, worker_cpus)
         upgrade(settings.sql_url)
         with make_sessionmaker(make_engine(settings.sql_url)).begin() as session:
             session.add(Character(name="Bench", description="Answers at once."))
@@ -254,6 +261,7 @@ def measure(database: str, database_url: str, redis_url: str, args: argparse.Nam
                 client.close()
     return Result(
         database=database,
+        worker_cpus=worker_cpus or "all",
         p50_ms=1000 * statistics.median(latencies),
         p99_ms=1000 * latencies[min(len(latencies) - 1, round(0.99 * len(latencies)))],
         mean_ms=1000 * statistics.fmean(latencies),
@@ -294,26 +302,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-user", type=int, default=20, help="messages each concurrent user sends")
     parser.add_argument("--threads", type=int, default=4, help="worker threads")
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument(
+        "--worker-cpus",
+        nargs="+",
+        default=["all", str(max(os.sched_getaffinity(0)))],
+        help="worker core configurations to measure: all, or cores as UNICHAR_WORKER_CPUS takes them (3, 2-3)",
+    )
     args = parser.parse_args(argv)
     if args.mode == "worker":
         return run_worker()
     print(f"machine: {_machine()}; worker threads: {args.threads}", flush=True)
     print(
-        "| database | p50 ms | p99 ms | mean ms | messages | msg/s, concurrent users (messages) | CPU ms/message "
-        "| CPU ms/message, concurrent |"
+        "| database | worker cores | p50 ms | p99 ms | mean ms | messages | msg/s, concurrent users (messages) "
+        "| CPU ms/message | CPU ms/message, concurrent |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     # one private Redis for every run: the client's Celery app keeps its broker connections
     with (
         tempfile.TemporaryDirectory() as folder,
         private_redis(_settings(Path(folder), "", _dead_redis_url(), 1)) as url,
     ):
         for database in args.db.split(","):
-            if database == "sqlite":
-                _print(measure(database, f"sqlite:///{folder}/bench.db", url, args))
-            else:
-                with _postgres_database() as database_url:
-                    _print(measure(database, database_url, url, args))
+            for n, cpus in enumerate("" if cpus == "all" else cpus for cpus in args.worker_cpus):
+                if database == "sqlite":
+                    _print(measure(database, f"sqlite:///{folder}/bench{n}.db", url, cpus, args))
+                else:
+                    with _postgres_database() as database_url:
+                        _print(measure(database, database_url, url, cpus, args))
     return 0
 
 
@@ -321,7 +336,8 @@ def _print(result: Result) -> None:
     """One Markdown table row."""
     cpu, concurrent = (", ".join(f"{name} {ms:.1f}" for name, ms in d.items()) for d in (result.cpu_ms, result.concurrent_cpu_ms))
     print(
-        f"| {result.database} | {result.p50_ms:.1f} | {result.p99_ms:.1f} | {result.mean_ms:.1f} | {result.messages} | "
+        f"| {result.database} | {result.worker_cpus} | {result.p50_ms:.1f} | {result.p99_ms:.1f} | {result.mean_ms:.1f} "
+        f"| {result.messages} | "
         f"{result.throughput:.0f} with {result.users} users ({result.concurrent_messages}) | {cpu} | {concurrent} |",
         flush=True,
     )

@@ -22,7 +22,7 @@ from core import memory
 from core.db import repositories as repo
 from core.db.models import Character, Chat, Conversation, Job, User, utcnow
 from core.imaging import check_request, lexical_ask, new_seed, sampler_params
-from core.jobs import JobKind, JobState
+from core.jobs import QUEUED_BEHIND, JobKind, JobState
 from core.media import FileStore, MediaError, validate_image
 from core.queue import position
 
@@ -219,6 +219,8 @@ class ChatService:
             if kind is JobKind.IMAGE:
                 chat, character = session.get_one(Chat, turn.chat_id), session.get_one(Character, turn.character_id)
                 params = self._picture_params(session, turn.user_id, chat, character, params)
+            elif turn.queued:  # its frontend shows a queue line until the worker says it started (workers.inference)
+                params = {**params, QUEUED_BEHIND: turn.queued}
             conversation_id = turn.conversation_id or repo.start_conversation(
                 session, turn.user_id, turn.character_id, turn.chat_id
             )

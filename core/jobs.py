@@ -18,6 +18,7 @@ __all__ = [
     "JobState",
     "TERMINAL_STATES",
     "QUEUE_OF_KIND",
+    "QUEUED_BEHIND",
     "Attachment",
     "IncomingMessage",
     "TextDelta",
@@ -61,6 +62,8 @@ QUEUE_OF_KIND: Final[dict[JobKind, str]] = {
     JobKind.SUMMARY: "image",  # summaries wait behind images, never in front of a reply
     JobKind.TRAIN: "train",
 }
+
+QUEUED_BEHIND: Final = "queued_behind"  # job param: the jobs ahead of it in its queue when it was queued (omitted: 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,6 +82,7 @@ __all__ = [
     "facts",
     "latest_summary",
     "memory_context",
+    "note_conversation",
     "summary_due",
     "summary_request",
     "store_summary",
@@ -231,7 +232,7 @@ def _index(session: Session, chat_id: int, rows: Iterable[tuple[int, int, str]])
             for term, n in counts.items()
         )
     if postings:
-        _NEW_POSTINGS[session.get_bind().dialect.name].many(session, postings)
+        _insert_postings(session, postings)
 
 
 def index_reply(
@@ -269,9 +270,23 @@ def index_reply(
 # --- reading memory -----------------------------------------------------------------------------------------
 
 
+_KNOWN_SPEAKERS: Final = "unichar.speakers"  # session.info: conversation id -> (user name, character name)
+_KNOWN_GROUPS: Final = "unichar.group_chats"  # session.info: chat id -> whether it is a group chat
+
+
+def note_conversation(session: Session, conversation: Any, chat: Any, user: Any, character: Any) -> None:
+    """Tell memory what the caller read already of a conversation, in plain rows: its chat's kind and who speaks.
+
+    Memory's reads in ``session`` then need not look them up again (as they need not for ORM rows the session
+    holds). The rows need the attributes of the models they stand for.
+    """
+    session.info.setdefault(_KNOWN_GROUPS, {})[chat.id] = chat.is_group
+    session.info.setdefault(_KNOWN_SPEAKERS, {})[conversation.id] = (user.display_name or "User", character.name)
+
+
 def _speakers(session: Session, conversation_ids: Iterable[int]) -> dict[int, tuple[str, str]]:
     """(user name, character name) of each conversation, cached in the (short-lived) session."""
-    known: dict[int, tuple[str, str]] = session.info.setdefault("unichar.speakers", {})
+    known: dict[int, tuple[str, str]] = session.info.setdefault(_KNOWN_SPEAKERS, {})
     missing = set(conversation_ids) - known.keys()
     for cid in list(missing):  # the reply's own conversation: its rows are usually in the session already
         conversation = session.identity_map.get(identity_key(Conversation, cid))
@@ -305,16 +320,19 @@ def _turns(session: Session, rows: Sequence[Any]) -> list[Turn]:
 
 def _scope(session: Session, conversation: Conversation) -> tuple[list[int], int]:
     """The conversations whose turns this character heard in this chat, and the first turn it heard."""
-    chat = session.get(Chat, conversation.chat_id)
-    if chat is None or not chat.is_group:
+    group = session.info.get(_KNOWN_GROUPS, {}).get(conversation.chat_id)
+    if group is None:
+        chat = session.get(Chat, conversation.chat_id)
+        group = chat is not None and chat.is_group
+    if not group:
         return [conversation.id], 0
     arrived = session.scalar(
         select(func.min(Message.id))
         .join(Conversation, Conversation.id == Message.conversation_id)
-        .where(Conversation.chat_id == chat.id, Conversation.character_id == conversation.character_id)
+        .where(Conversation.chat_id == conversation.chat_id, Conversation.character_id == conversation.character_id)
     )
     open_ids = session.scalars(
-        select(Conversation.id).where(Conversation.chat_id == chat.id, Conversation.active.is_(True))
+        select(Conversation.id).where(Conversation.chat_id == conversation.chat_id, Conversation.active.is_(True))
     ).all()
     return list(open_ids), arrived or 0
 
@@ -535,10 +553,37 @@ _PENDING = (
         _MESSAGES.id <= bindparam("boundary"),
     )
 )
-_NEW_POSTINGS: Final = {  # another worker may index the same turns at the same time: the first one wins
-    name: Prepared(insert(MessageTerm.__table__).on_conflict_do_nothing())
-    for name, insert in (("sqlite", sqlite.insert), ("postgresql", postgresql.insert))
+_POSTING_COLUMNS: Final = ("message_id", "term", "chat_id", "conversation_id", "count", "length")
+# another worker may index the same turns at the same time: the first one wins. SQLite runs a row per execution
+# in C; PostgreSQL takes them all in one statement as columns of arrays (a round trip and a plan per row else)
+_NEW_POSTINGS: Final = {
+    "sqlite": Prepared(sqlite.insert(MessageTerm.__table__).on_conflict_do_nothing()),
+    "postgresql": Prepared(
+        postgresql.insert(MessageTerm.__table__)
+        .from_select(
+            _POSTING_COLUMNS,
+            select(
+                func.unnest(
+                    *(bindparam(name, type_=postgresql.ARRAY(_TERMS[name].type)) for name in _POSTING_COLUMNS)
+                )
+                .table_valued(*_POSTING_COLUMNS)
+                .render_derived(name="postings")
+            ),
+        )
+        .on_conflict_do_nothing()
+    ),
 }
+
+
+def _insert_postings(session: Session, postings: Sequence[dict[str, Any]]) -> None:
+    """Add ``postings`` (dicts of ``_POSTING_COLUMNS``); those already there are kept."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        _NEW_POSTINGS[dialect].rowcount(session, {name: [p[name] for p in postings] for name in _POSTING_COLUMNS})
+    else:
+        _NEW_POSTINGS[dialect].many(session, postings)
+
+
 _OPEN_SUMMARY = Prepared(
     select(_JOBS.id).where(
         _JOBS.conversation_id == bindparam("conversation_id"),
@@ -857,7 +902,8 @@ def forget_user(session: Session, user_id: int, store: FileStore | None = None) 
     counts = {"chats": _purge(session, Chat.__table__, Chat.id.in_(chat_ids))} if chat_ids else {}
     counts["users"] = _purge(session, User.__table__, User.id == user_id)
     session.expunge_all()
-    session.info.pop("unichar.speakers", None)
+    session.info.pop(_KNOWN_SPEAKERS, None)
+    session.info.pop(_KNOWN_GROUPS, None)
     orphans = [key for key in files if not _still_used(session, key)]
     if store is not None and orphans:
         event.listen(session, "after_commit", lambda _s: [store.delete(k) for k in orphans], once=True)

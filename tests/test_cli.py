@@ -176,3 +176,32 @@ def test_memory_export_and_forget_a_user(tmp_path: Path, capsys: pytest.CaptureF
     assert "1 users" in capsys.readouterr().out
     with db() as session:
         assert session.query(User).count() == 0
+
+
+@pytest.mark.parametrize(("value", "cores"), [("", []), ("3", [3]), ("2-3", [2, 3]), ("1, 3,0-1", [0, 1, 3])])
+def test_worker_cpus_take_cores_and_ranges(value: str, cores: list[int]) -> None:
+    assert Settings(worker_cpus=value).worker_cpus == cores  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["one", "3-1", "-2", "1-", "1.5"])
+def test_bad_worker_cpus_are_one_readable_message(
+    value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("UNICHAR_WORKER_CPUS", value)
+    assert cli.main(["db", "upgrade"]) == 2
+    err = capsys.readouterr().err
+    assert "UNICHAR_WORKER_CPUS" in err and "core" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="needs Linux")
+def test_a_worker_refuses_cores_it_may_not_use(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    before = os.sched_getaffinity(0)
+    monkeypatch.setenv("UNICHAR_WORKER_CPUS", str(max(before) + 1000))
+    assert cli.main(["worker", "--queues", "chat"]) == 2
+    err = capsys.readouterr().err
+    assert f"cores [{max(before) + 1000}]" in err and "may not use" in err
+    assert os.sched_getaffinity(0) == before  # nothing was pinned

@@ -129,11 +129,15 @@ def _chat(args: argparse.Namespace, settings: Settings) -> int:
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     """A Celery worker on the given queues, its thread pool sharing one model engine."""
-    from workers.celery_app import app, worker_argv
+    from workers.celery_app import start_worker
+    from workers.cpus import CoresUnavailable
 
     if args.threads:
         settings = settings.model_copy(update={"worker_threads": args.threads})
-    app.worker_main(worker_argv(settings, args.queues, hostname=f"{'+'.join(args.queues)}@%h"))
+    try:
+        start_worker(settings, args.queues, hostname=f"{'+'.join(args.queues)}@%h")
+    except CoresUnavailable as error:
+        raise CliError(str(error)) from error
     return 0
 
 

@@ -16,8 +16,9 @@ from kombu import Queue
 
 from core.config import Settings, get_settings
 from core.jobs import QUEUE_OF_KIND
+from workers.cpus import keep_to_cpus
 
-__all__ = ["QUEUES", "create_app", "configure", "worker_argv", "app"]
+__all__ = ["QUEUES", "create_app", "configure", "worker_argv", "start_worker", "app"]
 
 QUEUES = ("chat", "image", "train")
 assert set(QUEUE_OF_KIND.values()) <= set(QUEUES)
@@ -68,6 +69,18 @@ def worker_argv(settings: Settings, queues: Sequence[str], hostname: str | None 
     argv = ["worker", "--pool", "threads", "--concurrency", str(threads), "--queues", ",".join(queues)]
     argv += ["--loglevel", settings.log_level, "--without-gossip", "--without-mingle"]
     return argv + (["--hostname", hostname] if hostname else [])
+
+
+def start_worker(settings: Settings, queues: Sequence[str], hostname: str | None = None) -> None:
+    """Run a worker on ``queues`` in this process until it is stopped.
+
+    A chat or image worker keeps to ``settings.worker_cpus`` (``workers.cpus``); a train worker uses every core.
+    Raises ValueError on unknown queues and CoresUnavailable on cores it may not use, before anything starts.
+    """
+    argv = worker_argv(settings, queues, hostname)
+    if settings.worker_cpus and set(queues) != {"train"}:
+        keep_to_cpus(settings.worker_cpus)
+    app.worker_main(argv)
 
 
 app = create_app(get_settings())

@@ -18,13 +18,15 @@ import io
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from collections import namedtuple
+from typing import TYPE_CHECKING, Any, Final
 
 from PIL import Image
-from sqlalchemy import bindparam, select
+from sqlalchemy import Select, bindparam, select
 
 from core.db import repositories as repo
 from core.db.models import Character, Chat, Conversation, Message, User
+from core.db.prepared import Prepared
 from core.db.session import reading
 from core.imaging import (
     ImagePolicy,
@@ -40,8 +42,8 @@ from core.imaging import (
     sampler_params,
     scene_contexts,
 )
-from core.jobs import ImageFollows, ImageReady, ImageRefused, JobEvent, JobKind, Progress
-from core.memory import index_reply, memory_context, store_summary, summary_due, summary_request
+from core.jobs import QUEUED_BEHIND, ImageFollows, ImageReady, ImageRefused, JobEvent, JobKind, Progress
+from core.memory import index_reply, memory_context, note_conversation, store_summary, summary_due, summary_request
 from core.model.api import TextParams
 from core.model.roleplay import Thinking
 from core.prompting import PromptTooLong, prompt_for
@@ -75,14 +77,31 @@ def clean_text(text: str) -> str:
     return _CONTROL.sub("", text)
 
 
-_ROWS = (  # one statement instead of five lookups
-    select(Conversation, Character, Chat, User, Message)
-    .join(Character, Character.id == Conversation.character_id)
-    .join(Chat, Chat.id == Conversation.chat_id)
-    .join(User, User.id == Conversation.user_id)
-    .outerjoin(Message, (Message.id == bindparam("message_id")) & (Message.conversation_id == Conversation.id))
-    .where(Conversation.id == bindparam("conversation_id"))
-)
+_READ: Final = (Conversation, Character, Chat, User, Message)  # what a job reads of its conversation
+
+
+def _joined(*columns: Any) -> Select[Any]:
+    """``columns`` of the job's conversation joined to its character, chat, user and (when still there) request."""
+    return (
+        select(*columns)
+        .select_from(Conversation)
+        .join(Character, Character.id == Conversation.character_id)
+        .join(Chat, Chat.id == Conversation.chat_id)
+        .join(User, User.id == Conversation.user_id)
+        .outerjoin(Message, (Message.id == bindparam("message_id")) & (Message.conversation_id == Conversation.id))
+        .where(Conversation.id == bindparam("conversation_id"))
+    )
+
+
+_ROWS = _joined(*_READ)  # one statement instead of five lookups
+# a reply reads the same as plain rows: every column, named as the model's attribute (loading ORM rows cost twice
+# the statement); one record type per model, filled from its slice of the row
+_PLAIN_ROWS = Prepared(_joined(*(column for model in _READ for column in model.__table__.c)))
+_RECORDS: Final = tuple(namedtuple(model.__name__, model.__table__.c.keys()) for model in _READ)  # type: ignore[misc]
+
+
+def _params(claim: Claim) -> dict[str, Any]:
+    return {"conversation_id": claim.conversation_id, "message_id": claim.request_message_id}
 
 
 def _rows(session: Session, claim: Claim) -> tuple[Conversation, Character, Chat, User, Message | None]:
@@ -90,11 +109,23 @@ def _rows(session: Session, claim: Claim) -> tuple[Conversation, Character, Chat
 
     Hold them: the session's identity map is weak.
     """
-    params = {"conversation_id": claim.conversation_id, "message_id": claim.request_message_id}
-    row = session.execute(_ROWS, params).one_or_none()
+    row = session.execute(_ROWS, _params(claim)).one_or_none()
     if row is None:
         raise JobError("This conversation no longer exists.")
     return row.Conversation, row.Character, row.Chat, row.User, row.Message
+
+
+def _plain_rows(session: Session, claim: Claim) -> tuple[Any, Any, Any, Any, Any | None]:
+    """What ``_rows`` reads, as records with the models' column attributes (no relationships, no session)."""
+    row = _PLAIN_ROWS.first(session, _params(claim))
+    if row is None:
+        raise JobError("This conversation no longer exists.")
+    records, start = [], 0
+    for record in _RECORDS:
+        records.append(record._make(row[start : start + len(record._fields)]))
+        start += len(record._fields)
+    conversation, character, chat, user, message = records
+    return conversation, character, chat, user, message if message.id is not None else None
 
 
 def _adapter(ctx: WorkerContext, character: Character) -> str | None:
@@ -176,9 +207,10 @@ def run_chat(ctx: WorkerContext, claim: Claim) -> list[FollowUp]:
     settings, watch, model = ctx.settings, Watch(ctx, claim), ctx.model.get()
     # a read-only transaction (on SQLite no write lock): the chat's recall index is written with the reply
     with reading(ctx.sessionmaker) as session, session.begin():
-        conversation, character, chat, user, message = _rows(session, claim)  # held: memory reads them
+        conversation, character, chat, user, message = _plain_rows(session, claim)
         if message is None:
             raise JobError("Your message was deleted before I could answer it.")
+        note_conversation(session, conversation, chat, user, character)
         memory = memory_context(session, conversation, message, settings, index=False)
         policy = resolve_policy(character, chat)
         # only the auto policy paces pictures by replies; the count is a query, skipped otherwise
@@ -196,7 +228,8 @@ def run_chat(ctx: WorkerContext, claim: Claim) -> list[FollowUp]:
         prompt = prompt_for(character, user, memory, message.text, settings, model.count_tokens, images=images)
     except PromptTooLong as error:
         raise JobError("Your message does not fit in what I can read at once; please shorten it.") from error
-    emit(ctx, claim.job_id, Progress(stage="text"))
+    if claim.params.get(QUEUED_BEHIND):  # a queue line is shown: it turns to "working" until the text comes
+        emit(ctx, claim.job_id, Progress(stage="text"))
     deltas = Deltas(ctx, claim.job_id)
 
     def on_text(piece: str) -> None:

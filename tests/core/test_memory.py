@@ -145,8 +145,8 @@ def test_empty_summary_is_not_stored(sessionmaker, small) -> None:
         assert memory.summary_due(session, conv, small)
 
 
-def test_recall_finds_relevant_old_turns_outside_the_window(sessionmaker, small) -> None:
-    with sessionmaker.begin() as session:
+def test_recall_finds_relevant_old_turns_outside_the_window(any_sessionmaker, small) -> None:
+    with any_sessionmaker.begin() as session:
         w = World(session)
         conv = w.conversation(w.user("ann"), w.character("Mio"), w.chat("dm"))
         w.say(conv, "My grandmother's cottage is in Kyoto, near the river.")
@@ -163,8 +163,8 @@ def test_recall_finds_relevant_old_turns_outside_the_window(sessionmaker, small)
         assert memory.recall(session, conv, "the and of", before_id=new.id, limit=3) == []
 
 
-def test_recall_indexes_late_turns_and_survives_a_second_indexer(sessionmaker, small) -> None:
-    with sessionmaker.begin() as session:
+def test_recall_indexes_late_turns_and_survives_a_second_indexer(any_sessionmaker, small) -> None:
+    with any_sessionmaker.begin() as session:
         w = World(session)
         conv = w.conversation(w.user("ann"), w.character("Mio"), w.chat("dm"))
         w.talk(conv, 5)
@@ -394,8 +394,8 @@ def test_memory_read_without_indexing_writes_nothing(sessionmaker, small) -> Non
         assert later.recalled[0].text == "the lighthouse keeper has a blue lantern"  # best first
 
 
-def test_a_reply_indexes_its_turns_and_any_a_failed_job_left(sessionmaker, small) -> None:
-    with sessionmaker.begin() as session:
+def test_a_reply_indexes_its_turns_and_any_a_failed_job_left(any_sessionmaker, small) -> None:
+    with any_sessionmaker.begin() as session:
         w = World(session)
         conv = w.conversation(w.user("ann"), w.character("Mio"), w.chat("dm-ann"))
         w.talk(conv, 6)
@@ -408,3 +408,19 @@ def test_a_reply_indexes_its_turns_and_any_a_failed_job_left(sessionmaker, small
         indexed = session.scalars(select(MessageTerm.message_id).where(MessageTerm.term == memory.DOCUMENT)).all()
         assert {orphan.id, new.id, reply.id} <= set(indexed)
         assert memory.index_chat(session, conv.chat_id) == 0  # nothing was left for the catch-up
+
+
+def test_postings_already_there_are_kept_and_the_rest_added(any_sessionmaker) -> None:
+    with any_sessionmaker.begin() as session:
+        w = World(session)
+        conv = w.conversation(w.user("ann"), w.character("Mio"), w.chat("dm"))
+        first, second = w.say(conv, "kites and the harbour"), w.say(conv, "a harbour of kites")
+        memory._index(session, conv.chat_id, [(first.id, conv.id, first.text)])
+        # the first turn again with other counts (another indexer got there first), the second twice in one call
+        again = [(first.id, conv.id, "kites, kites and the harbour"), *[(second.id, conv.id, second.text)] * 2]
+        memory._index(session, conv.chat_id, again)
+        rows = session.execute(select(MessageTerm.message_id, MessageTerm.term, MessageTerm.count)).all()
+    assert sorted(rows) == sorted([
+        (first.id, "", 0), (first.id, "kite", 1), (first.id, "harbour", 1),
+        (second.id, "", 0), (second.id, "harbour", 1), (second.id, "kite", 1),
+    ])

@@ -159,10 +159,20 @@ def test_events_stream_the_reply_then_done(ctx, service):
     job_id = queue(service, "stream me")
     execute(ctx, job_id)
     stream = events(ctx, job_id)
-    assert isinstance(stream[0], Progress) and stream[0].stage == "text"
+    assert not any(isinstance(e, Progress) for e in stream)  # nothing was ahead: no queue line to replace
     assert "".join(e.text for e in stream if isinstance(e, TextDelta)) == "echo: stream me"
     assert isinstance(stream[-1], Done) and stream[-1].message_id == job_row(ctx, job_id).reply_message_id
     assert 0 < ctx.redis.ttl(stream_key(job_id)) <= ctx.settings.event_ttl_s
+
+
+def test_a_reply_that_waited_behind_others_says_when_it_starts(ctx, service):
+    first, second = queue(service, "one"), queue(service, "two")
+    assert job_row(ctx, second).params == {"queued_behind": 1} and job_row(ctx, first).params == {}
+    execute(ctx, first)
+    execute(ctx, second)
+    stream = events(ctx, second)
+    assert isinstance(stream[0], Progress) and stream[0].stage == "text"  # the frontend's queue line turns to work
+    assert isinstance(stream[1], TextDelta) and isinstance(stream[-1], Done)
 
 
 def test_a_reply_queues_the_rolling_summary_which_is_stored(ctx, service):
