@@ -104,9 +104,9 @@ class Settings(BaseSettings):
     worker_cpus: Annotated[list[int], NoDecode] = Field(
         default_factory=list,
         description="CPU cores a chat and image worker keeps to (Linux), as 3 or 2-3 or 1,3; empty: all. Its threads "
-        "take turns on one interpreter lock, and on cores of their own they stop handing it from core to core: one "
-        "core per GPU worker gave 15-35% more replies per second (bench/RESULTS.md). Not for a worker running the "
-        "model on the CPU, which wants every core.",
+        "take turns on one interpreter lock, and on cores of their own they stop handing it from core to core: on "
+        "the 2-core test machine one core gave 26-88% more replies per second with SQLite (bench/RESULTS.md). For "
+        "GPU workers; a worker that runs the model on the CPU wants every core.",
     )
     event_ttl_s: int = Field(3600, ge=60, description="How long a job's event stream is kept in Redis.")
 
