@@ -101,11 +101,13 @@ _RECORDS: Final = tuple(namedtuple(model.__name__, model.__table__.c.keys()) for
 
 
 def _params(claim: Claim) -> dict[str, Any]:
+    """The bound values of ``_joined`` for the claimed job."""
     return {"conversation_id": claim.conversation_id, "message_id": claim.request_message_id}
 
 
 def _rows(session: Session, claim: Claim) -> tuple[Conversation, Character, Chat, User, Message | None]:
-    """The job's conversation with its character, chat and user, and the request message when it is still there.
+    """The job's conversation with its character, chat and user, and the request message when it is still there,
+    as ORM rows (a picture follows the character's reference images).
 
     Hold them: the session's identity map is weak.
     """
