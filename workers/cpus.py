@@ -9,6 +9,7 @@ the model on the CPU does, and should not be kept.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Collection
@@ -23,7 +24,7 @@ class CoresUnavailable(ValueError):
 
 
 def keep_to_cpus(cpus: Collection[int]) -> None:
-    """Run this process, and the threads and processes it starts from now on, on ``cpus`` only.
+    """Run this process's threads, and the threads and processes it starts from now on, on ``cpus`` only.
 
     Raises CoresUnavailable naming the cores this process may not use, or where the system cannot pin processes.
     """
@@ -35,5 +36,7 @@ def keep_to_cpus(cpus: Collection[int]) -> None:
         raise CoresUnavailable(
             f"UNICHAR_WORKER_CPUS names cores {missing} that this worker may not use; it may use {sorted(allowed)}"
         )
-    os.sched_setaffinity(0, set(cpus))
+    for thread in os.listdir("/proc/self/task"):  # each thread has its own mask; new ones copy their creator's
+        with contextlib.suppress(ProcessLookupError):  # it ended meanwhile
+            os.sched_setaffinity(int(thread), set(cpus))
     logger.info("the worker keeps to CPU cores %s", sorted(cpus))
