@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from bots.render import EditPacer, RetryLater, progress_text, strip_control, take_chunk
+from bots.render import EditPacer, RetryLater, progress_text, stopping, strip_control, take_chunk
 from core.db.models import Chat, Conversation, Job, Message, User, utcnow
 from core.jobs import (
     TERMINAL_STATES,
@@ -124,12 +124,6 @@ class Renderer(Protocol):
     async def delete(self, message_id: str) -> None:
         """Remove a status message that has served its purpose."""
         ...
-
-
-def _stopping() -> bool:
-    """Whether the running task was asked to stop (a cancellation some await turned into another exception)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 class Deliveries:
@@ -362,7 +356,7 @@ class _Run:
                     if await self._on_event(event):
                         return
             except TimeoutError:  # quiet stream: the job row says whether it waits, runs, or ended with its stream gone
-                if _stopping():
+                if stopping():
                     raise asyncio.CancelledError from None  # a stop that raced the read's timeout: never swallow it
             snapshot = await asyncio.to_thread(self.owner.snapshot, job_id)
             if snapshot.state in TERMINAL_STATES:

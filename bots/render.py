@@ -30,6 +30,7 @@ __all__ = [
     "RetryLater",
     "defuse_mentions",
     "format_eta",
+    "stopping",
     "progress_text",
     "split_text",
     "strip_control",
@@ -158,6 +159,12 @@ class RetryLater(Exception):
         self.retry_after = retry_after
 
 
+def stopping() -> bool:
+    """Whether the running task was asked to stop (a cancellation some await turned into another exception)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class EditPacer:
     """Coalesces edits of one message: at most one per ``interval`` seconds, the latest text wins."""
 
@@ -210,8 +217,7 @@ class EditPacer:
             try:
                 await self._task
             except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling() > 0:
+                if stopping():
                     raise  # the caller itself is being cancelled: not the edit task's cancellation to swallow
 
     def _raise_pending_error(self) -> None:
