@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-28 04:08:00.770377
+Create Date: 2026-11-28 10:55:53.743977
 """
 
 from __future__ import annotations
@@ -311,8 +311,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_jobs")),
     )
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.create_index("ix_jobs_conversation_kind", ["conversation_id", "kind"], unique=False)
         batch_op.create_index("ix_jobs_state_kind", ["state", "kind", "id"], unique=False)
-        batch_op.create_index(batch_op.f("ix_jobs_user_id"), ["user_id"], unique=False)
+        batch_op.create_index("ix_jobs_user_state", ["user_id", "state"], unique=False)
 
     op.create_table(
         "message_terms",
@@ -322,15 +323,6 @@ def upgrade() -> None:
         sa.Column("conversation_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("count", sa.Integer(), nullable=False),
         sa.Column("length", sa.Integer(), nullable=False),
-        sa.ForeignKeyConstraint(
-            ["chat_id"], ["chats.id"], name=op.f("fk_message_terms_chat_id_chats"), ondelete="CASCADE"
-        ),
-        sa.ForeignKeyConstraint(
-            ["conversation_id"],
-            ["conversations.id"],
-            name=op.f("fk_message_terms_conversation_id_conversations"),
-            ondelete="CASCADE",
-        ),
         sa.ForeignKeyConstraint(
             ["message_id"], ["messages.id"], name=op.f("fk_message_terms_message_id_messages"), ondelete="CASCADE"
         ),
@@ -395,8 +387,9 @@ def downgrade() -> None:
 
     op.drop_table("message_terms")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f("ix_jobs_user_id"))
+        batch_op.drop_index("ix_jobs_user_state")
         batch_op.drop_index("ix_jobs_state_kind")
+        batch_op.drop_index("ix_jobs_conversation_kind")
 
     op.drop_table("jobs")
     with op.batch_alter_table("messages", schema=None) as batch_op:
