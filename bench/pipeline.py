@@ -8,10 +8,12 @@ CPU time per message by process (frontend, worker, redis-server and, with Postgr
 database) for the sequential run and for the throughput run.
 
     python -m bench.pipeline [--db sqlite,postgresql] [--messages 1000] [--users 50] [--per-user 20]
-                             [--worker-cpus all 1]
+                             [--worker-cpus all 1] [--history-jobs 200000]
 
 Each database is measured once per ``--worker-cpus`` entry: the worker on every core (``all``), then kept to the
 listed cores (``UNICHAR_WORKER_CPUS``, as a GPU worker is deployed; by default the machine's last core).
+``--history-jobs N`` starts from a database that already holds N finished jobs: a message's cost must not grow with
+the service's age.
 
 Goal (issue 2): p50 under 10 ms, at least 200 messages/s with 50 concurrent users, on a 2-core machine.
 """
@@ -36,14 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from redis import Redis
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, insert, text
+from sqlalchemy.orm import Session
 
 from core.chat import ChatService, JobQueued
 from core.config import Settings
 from core.db.migrate import upgrade
-from core.db.models import Character
+from core.db.models import Character, Job, User
 from core.db.session import make_engine, make_sessionmaker
-from core.jobs import Done, Failed, IncomingMessage
+from core.jobs import Done, Failed, IncomingMessage, JobKind, JobState
 from core.streams import follow_sync
 from unichar.run import private_redis
 
@@ -241,6 +244,7 @@ def measure(database: str, database_url: str, redis_url: str, worker_cpus: str, 
         upgrade(settings.sql_url)
         with make_sessionmaker(make_engine(settings.sql_url)).begin() as session:
             session.add(Character(name="Bench", description="Answers at once."))
+            _add_history(session, args.history_jobs)
         with _worker(settings) as worker:
             client = Client(settings)
             try:
@@ -274,6 +278,15 @@ def measure(database: str, database_url: str, redis_url: str, worker_cpus: str, 
     )
 
 
+def _add_history(session: Session, jobs: int) -> None:
+    """``jobs`` finished replies of another user, as in the database of a service that has run a while."""
+    if jobs:
+        user = User(platform="bench", platform_user_id="history", display_name="An earlier user")
+        session.add(user)
+        session.flush()
+        session.execute(insert(Job), [{"kind": JobKind.CHAT, "state": JobState.DONE, "user_id": user.id}] * jobs)
+
+
 def _user(client: Client, user: str, count: int) -> int:
     for n in range(count):
         client.message(user, n)
@@ -302,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-user", type=int, default=20, help="messages each concurrent user sends")
     parser.add_argument("--threads", type=int, default=4, help="worker threads")
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument(
+        "--history-jobs", type=int, default=0, help="finished jobs of another user in the database beforehand"
+    )
     parser.add_argument(
         "--worker-cpus",
         nargs="+",
@@ -334,10 +350,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print(result: Result) -> None:
     """One Markdown table row."""
-    cpu, concurrent = (", ".join(f"{name} {ms:.1f}" for name, ms in d.items()) for d in (result.cpu_ms, result.concurrent_cpu_ms))
+    cpu, concurrent = (
+        ", ".join(f"{name} {ms:.1f}" for name, ms in d.items()) for d in (result.cpu_ms, result.concurrent_cpu_ms)
+    )
     print(
-        f"| {result.database} | {result.worker_cpus} | {result.p50_ms:.1f} | {result.p99_ms:.1f} | {result.mean_ms:.1f} "
-        f"| {result.messages} | "
+        f"| {result.database} | {result.worker_cpus} | {result.p50_ms:.1f} | {result.p99_ms:.1f} "
+        f"| {result.mean_ms:.1f} | {result.messages} | "
         f"{result.throughput:.0f} with {result.users} users ({result.concurrent_messages}) | {cpu} | {concurrent} |",
         flush=True,
     )
