@@ -8,12 +8,13 @@ CPU time per message by process (frontend, worker, redis-server and, with Postgr
 database) for the sequential run and for the throughput run.
 
     python -m bench.pipeline [--db sqlite,postgresql] [--messages 1000] [--users 50] [--per-user 20]
-                             [--worker-cpus all 1] [--history-jobs 200000]
+                             [--worker-cpus all 1] [--history-jobs 200000] [--no-analyze]
 
 Each database is measured once per ``--worker-cpus`` entry: the worker on every core (``all``), then kept to the
 listed cores (``UNICHAR_WORKER_CPUS``, as a GPU worker is deployed; by default the machine's last core).
 ``--history-jobs N`` starts from a database that already holds N finished jobs: a message's cost must not grow with
-the service's age.
+the service's age. After the warm-up, PostgreSQL's tables are analysed, as autovacuum does on a deployment's
+server (PostgreSQL's default; this machine's server runs without it); ``--no-analyze`` leaves them without statistics.
 
 Goal (issue 2): p50 under 10 ms, at least 200 messages/s with 50 concurrent users, on a 2-core machine.
 """
@@ -250,6 +251,8 @@ def measure(database: str, database_url: str, redis_url: str, worker_cpus: str, 
             try:
                 for n in range(args.warmup):
                     client.message("warmup", n)
+                if database == "postgresql" and args.analyze:
+                    _analyze(client.engine)
                 pids = {"client": None, "worker": worker.pid, "redis": client.redis.info("server")["process_id"]}
                 cpu = _CpuMeter(pids, client.engine)
                 # one message at a time, users in turn: conversations of messages / users turns each
@@ -287,6 +290,12 @@ def _add_history(session: Session, jobs: int) -> None:
         session.execute(insert(Job), [{"kind": JobKind.CHAT, "state": JobState.DONE, "user_id": user.id}] * jobs)
 
 
+def _analyze(engine: Engine) -> None:
+    """Table statistics, as autovacuum gathers them on a deployment's server (this machine's runs without it)."""
+    with engine.connect() as connection:
+        connection.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
+
+
 def _user(client: Client, user: str, count: int) -> int:
     for n in range(count):
         client.message(user, n)
@@ -315,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-user", type=int, default=20, help="messages each concurrent user sends")
     parser.add_argument("--threads", type=int, default=4, help="worker threads")
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument(
+        "--no-analyze",
+        dest="analyze",
+        action="store_false",
+        help="keep PostgreSQL without statistics after the warm-up (its planner then guesses from empty tables)",
+    )
     parser.add_argument(
         "--history-jobs", type=int, default=0, help="finished jobs of another user in the database beforehand"
     )

@@ -40,8 +40,24 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy import Float, Select, String, Table, bindparam, case, cast, delete, event, func, or_, select, update
+from sqlalchemy import (
+    Float,
+    Select,
+    String,
+    Table,
+    bindparam,
+    case,
+    cast,
+    delete,
+    event,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import aliased
 from sqlalchemy.orm.util import identity_key
 
 from core.db.models import (
@@ -892,13 +908,14 @@ def forget_user(session: Session, user_id: int, store: FileStore | None = None) 
     """
     session.flush()
     files = _user_files(session, user_id)
+    other = aliased(Conversation)
+    shared = exists().where(other.chat_id == Conversation.chat_id, other.user_id != user_id)
     private_chats = (
         select(Conversation.chat_id)
         .join(Chat, Chat.id == Conversation.chat_id)
-        .where(Conversation.user_id == user_id, Chat.is_group.is_(False))
+        .where(Conversation.user_id == user_id, Chat.is_group.is_(False), ~shared)
     )
-    others = select(Conversation.chat_id).where(Conversation.user_id != user_id)
-    chat_ids = set(session.scalars(private_chats.except_(others)))
+    chat_ids = set(session.scalars(private_chats))
     counts = {"chats": _purge(session, Chat.__table__, Chat.id.in_(chat_ids))} if chat_ids else {}
     counts["users"] = _purge(session, User.__table__, User.id == user_id)
     session.expunge_all()

@@ -173,7 +173,10 @@ class Conversation(Base):
     """A user talking with a character in one chat; /reset closes it and a new one starts."""
 
     __tablename__ = "conversations"
-    __table_args__ = (Index("ix_conversations_lookup", "user_id", "character_id", "chat_id", "active"),)
+    __table_args__ = (
+        Index("ix_conversations_lookup", "user_id", "character_id", "chat_id", "active"),
+        Index("ix_conversations_chat", "chat_id", "character_id"),  # a group chat's window, a chat's deletion
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
@@ -214,6 +217,10 @@ class Job(Base):
         # both must stay a few index entries however long the history grows
         Index("ix_jobs_user_state", "user_id", "state"),
         Index("ix_jobs_conversation_kind", "conversation_id", "kind"),
+        # deleting a message (/forget, a user forgotten) clears these references: without an index, one scan of
+        # every job for each message deleted
+        Index("ix_jobs_request_message", "request_message_id"),
+        Index("ix_jobs_reply_message", "reply_message_id"),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
@@ -243,7 +250,11 @@ class Memory(Base):
     """Something a character remembers about a user: a summary, a pinned or extracted fact."""
 
     __tablename__ = "memories"
-    __table_args__ = (Index("ix_memories_owner", "user_id", "character_id", "kind"),)
+    __table_args__ = (
+        Index("ix_memories_owner", "user_id", "character_id", "kind"),
+        Index("ix_memories_conversation", "conversation_id", "kind"),  # every reply reads its summary
+        Index("ix_memories_chat", "chat_id"),  # a forgotten user's private chat takes its facts along
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
@@ -328,6 +339,7 @@ class TrainingJob(Base):
     """Training of one submission's adapter: progress, checkpoints, evaluation report."""
 
     __tablename__ = "training_jobs"
+    __table_args__ = (Index("ix_training_jobs_job", "job_id"),)  # a forgotten user's jobs unlink their trainings
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     submission_id: Mapped[int] = mapped_column(ForeignKey("character_submissions.id", ondelete="CASCADE"))

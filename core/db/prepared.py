@@ -22,7 +22,8 @@ from typing import Any
 
 from sqlalchemy import Connection, Dialect
 from sqlalchemy.orm import Session
-from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql import ClauseElement, visitors
+from sqlalchemy.sql.elements import BindParameter
 
 __all__ = ["Prepared"]
 
@@ -88,6 +89,26 @@ class _Form:
         return out if self.order is None else [out[name] for name in self.order]
 
 
+def _constants_inline(statement: ClauseElement, dialect: Dialect) -> ClauseElement:
+    """``statement`` with the values it carries itself (``state == 'queued'``, ``LIMIT 1``) written into its SQL.
+
+    The caller's parameters stay bound. A server caches one plan for every execution of a prepared statement
+    (PostgreSQL's generic plan); with its constants bound too, that plan cannot use their statistics: counting the
+    queued jobs became a scan of every job, and PostgreSQL fell back to planning the statement at each execution.
+    """
+
+    def inline(element: Any) -> Any:
+        if not isinstance(element, BindParameter) or not element.unique or element.callable is not None:
+            return None  # the caller's parameters (``bindparam("name")``) are not unique; defaults are callables
+        values = element.value if element.expanding else [element.value]
+        literal = element.type.dialect_impl(dialect).literal_processor(dialect)
+        if literal is None and any(value is not None for value in values):
+            return None  # a type without a safe SQL spelling stays bound
+        return element.render_literal_execute()
+
+    return visitors.replacement_traverse(statement, {}, inline)
+
+
 class _Shape:
     """A statement compiled for one dialect and one set of parameter names: a form per expanding-list length, and
     how its rows come back."""
@@ -95,7 +116,7 @@ class _Shape:
     __slots__ = ("columns", "compiled", "expanding", "forms", "results", "row")
 
     def __init__(self, statement: ClauseElement, dialect: Dialect, names: Sequence[str]) -> None:
-        self.compiled: Any = statement.compile(dialect=dialect, column_keys=list(names))
+        self.compiled: Any = _constants_inline(statement, dialect).compile(dialect=dialect, column_keys=list(names))
         binds = self.compiled.binds
         self.expanding = tuple(name for name in names if name in binds and binds[name].expanding)
         self.forms: dict[tuple[int, ...], _Form] = {}

@@ -17,7 +17,6 @@ from sqlalchemy import (
     bindparam,
     func,
     insert,
-    or_,
     select,
     true,
     update,
@@ -149,11 +148,6 @@ class Turn(NamedTuple):
     queued: int  # jobs waiting in the queue a new job of the asked kind joins
 
 
-def _any_of(column: Any, values: Sequence[object]) -> ColumnElement[bool]:
-    """``column IN values`` as plain comparisons: an expanding IN is rendered again at every execution."""
-    return or_(*(column == value for value in values))
-
-
 def _new_message_statement() -> Any:
     """INSERT a turn into the conversation's chat, SELECTing nothing (no row, no error) once the conversation is gone."""
     messages, conversations = Message.__table__.c, Conversation.__table__.c
@@ -213,12 +207,12 @@ def _turn_statement(queue: str) -> Select[Any]:
         select(func.count())
         .where(
             jobs.user_id == identity.c.user_id,
-            _any_of(jobs.kind, USER_KINDS),
-            _any_of(jobs.state, [state for state in JobState if state not in TERMINAL_STATES]),
+            jobs.kind.in_(USER_KINDS),
+            jobs.state.in_([state for state in JobState if state not in TERMINAL_STATES]),
         )
         .scalar_subquery(),
         select(func.count())
-        .where(jobs.state == JobState.QUEUED, _any_of(jobs.kind, [k for k, q in QUEUE_OF_KIND.items() if q == queue]))
+        .where(jobs.state == JobState.QUEUED, jobs.kind.in_([k for k, q in QUEUE_OF_KIND.items() if q == queue]))
         .scalar_subquery(),
     )
 

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-28 10:55:53.743977
+Create Date: 2026-11-28 12:07:14.843369
 """
 
 from __future__ import annotations
@@ -167,6 +167,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_conversations")),
     )
     with op.batch_alter_table("conversations", schema=None) as batch_op:
+        batch_op.create_index("ix_conversations_chat", ["chat_id", "character_id"], unique=False)
         batch_op.create_index("ix_conversations_lookup", ["user_id", "character_id", "chat_id", "active"], unique=False)
 
     op.create_table(
@@ -238,6 +239,8 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_memories")),
     )
     with op.batch_alter_table("memories", schema=None) as batch_op:
+        batch_op.create_index("ix_memories_chat", ["chat_id"], unique=False)
+        batch_op.create_index("ix_memories_conversation", ["conversation_id", "kind"], unique=False)
         batch_op.create_index("ix_memories_owner", ["user_id", "character_id", "kind"], unique=False)
 
     op.create_table(
@@ -312,6 +315,8 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.create_index("ix_jobs_conversation_kind", ["conversation_id", "kind"], unique=False)
+        batch_op.create_index("ix_jobs_reply_message", ["reply_message_id"], unique=False)
+        batch_op.create_index("ix_jobs_request_message", ["request_message_id"], unique=False)
         batch_op.create_index("ix_jobs_state_kind", ["state", "kind", "id"], unique=False)
         batch_op.create_index("ix_jobs_user_state", ["user_id", "state"], unique=False)
 
@@ -363,6 +368,9 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_training_jobs")),
     )
+    with op.batch_alter_table("training_jobs", schema=None) as batch_op:
+        batch_op.create_index("ix_training_jobs_job", ["job_id"], unique=False)
+
     with op.batch_alter_table("users", schema=None) as batch_op:
         batch_op.create_foreign_key(
             batch_op.f("fk_users_active_character_id_characters"),
@@ -381,6 +389,9 @@ def downgrade() -> None:
     with op.batch_alter_table("users", schema=None) as batch_op:
         batch_op.drop_constraint(batch_op.f("fk_users_active_character_id_characters"), type_="foreignkey")
 
+    with op.batch_alter_table("training_jobs", schema=None) as batch_op:
+        batch_op.drop_index("ix_training_jobs_job")
+
     op.drop_table("training_jobs")
     with op.batch_alter_table("message_terms", schema=None) as batch_op:
         batch_op.drop_index("ix_message_terms_lookup")
@@ -389,6 +400,8 @@ def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index("ix_jobs_user_state")
         batch_op.drop_index("ix_jobs_state_kind")
+        batch_op.drop_index("ix_jobs_request_message")
+        batch_op.drop_index("ix_jobs_reply_message")
         batch_op.drop_index("ix_jobs_conversation_kind")
 
     op.drop_table("jobs")
@@ -399,6 +412,8 @@ def downgrade() -> None:
     op.drop_table("messages")
     with op.batch_alter_table("memories", schema=None) as batch_op:
         batch_op.drop_index("ix_memories_owner")
+        batch_op.drop_index("ix_memories_conversation")
+        batch_op.drop_index("ix_memories_chat")
 
     op.drop_table("memories")
     op.drop_table("submission_images")
@@ -409,6 +424,7 @@ def downgrade() -> None:
     op.drop_table("notifications")
     with op.batch_alter_table("conversations", schema=None) as batch_op:
         batch_op.drop_index("ix_conversations_lookup")
+        batch_op.drop_index("ix_conversations_chat")
 
     op.drop_table("conversations")
     with op.batch_alter_table("reference_images", schema=None) as batch_op:

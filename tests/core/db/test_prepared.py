@@ -14,10 +14,12 @@ from core.jobs import TERMINAL_STATES, JobKind, JobState
 
 JOBS = Job.__table__.c
 NEW_JOB = Prepared(insert(Job.__table__).returning(JOBS.id))
-BY_IDS = select(JOBS.id, JOBS.kind, JOBS.state, JOBS.params, JOBS.attempts, JOBS.created_at, JOBS.progress).where(
-    JOBS.id.in_(bindparam("ids", expanding=True))
-).order_by(JOBS.id)
-START_OPEN = (  # a literal list (rendered as its own parameters) next to bound values
+BY_IDS = (
+    select(JOBS.id, JOBS.kind, JOBS.state, JOBS.params, JOBS.attempts, JOBS.created_at, JOBS.progress)
+    .where(JOBS.id.in_(bindparam("ids", expanding=True)))
+    .order_by(JOBS.id)
+)
+START_OPEN = (  # a literal list next to bound values
     update(Job.__table__)
     .where(JOBS.id == bindparam("job_id"), JOBS.state.not_in(list(TERMINAL_STATES)))
     .values(state=JobState.RUNNING, attempts=JOBS.attempts + 1, started_at=bindparam("now"))
@@ -51,7 +53,7 @@ def test_inserts_fill_python_defaults_and_return_the_id(any_sessionmaker: sessio
         assert job.created_at is not None and job.queued_at is not None
 
 
-def test_updates_count_rows_and_bind_literal_lists(any_sessionmaker: sessionmaker[Session]) -> None:
+def test_updates_count_rows_with_literal_lists(any_sessionmaker: sessionmaker[Session]) -> None:
     start = Prepared(START_OPEN)
     now = dt.datetime.now(dt.timezone.utc)
     with any_sessionmaker.begin() as session:
@@ -80,3 +82,25 @@ def test_pending_orm_changes_are_flushed_first(any_sessionmaker: sessionmaker[Se
         session.add(Character(name="Pending", description="Not flushed yet."))
         assert names.scalar(session, {"name": "Pending"}) == "Pending"
         assert names.first(session, {"name": "Nobody"}) is None
+
+
+def test_constants_are_written_into_the_sql_and_the_callers_values_stay_bound(
+    any_sessionmaker: sessionmaker[Session],
+) -> None:
+    """A plan the server caches for the statement must know its constants (``state = 'queued'``), not guess them."""
+    quoted = Prepared(
+        select(JOBS.id)
+        .where(JOBS.id == bindparam("job_id"), JOBS.error == "it's; DROP TABLE jobs", JOBS.state == JobState.FAILED)
+        .limit(1)
+    )
+    with any_sessionmaker.begin() as session:
+        job_id = _new_job(session, state=JobState.FAILED, error="it's; DROP TABLE jobs")
+        other = _new_job(session, state=JobState.FAILED, error="its")
+        assert quoted.scalar(session, {"job_id": job_id}) == job_id
+        assert quoted.scalar(session, {"job_id": other}) is None
+        dialect = session.get_bind().dialect
+    form = quoted._shape(dialect, {"job_id": job_id}).form({"job_id": job_id})
+    assert "'it''s; DROP TABLE jobs'" in form.sql and "'failed'" in form.sql and "LIMIT 1" in form.sql
+    values = form.values({"job_id": job_id})
+    bound = list(values.values() if isinstance(values, dict) else values)
+    assert job_id in bound and "failed" not in bound and "it's; DROP TABLE jobs" not in bound
