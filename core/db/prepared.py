@@ -6,7 +6,8 @@ times what SQLite or PostgreSQL spend running it, and most of a worker's CPU per
 the statement a SQLAlchemy Core construct (one definition for every dialect, rendered by SQLAlchemy) but compiles
 it once per dialect and parameter shape, converts values with the column types' own bind and result processors
 (and fills Python-side column defaults, as SQLAlchemy's execution would), and executes it on the transaction's
-DBAPI connection: the same SQL, types and transaction for a fraction of the cost.
+DBAPI connection: the same SQL, types and transaction for a fraction of the cost. The statement's own constants
+are written into its SQL and only the caller's values are bound (see ``_constants_inline``).
 
 Expanding ``IN`` parameters (``bindparam(..., expanding=True)``) get one compiled form per list length. Rows come
 back as named tuples (``row.id``, or unpacked), their values as SQLAlchemy would return them.
