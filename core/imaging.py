@@ -32,9 +32,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 
-from core.db.models import Job, Message, utcnow
+from core.db.models import Conversation, Job, Message, utcnow
 from core.jobs import JobKind, JobState
 from core.model.api import ImageContexts, ImageParams, ImageSegment, Segment, TextParams, TextSegment
 from core.model.roleplay import Thinking, parse_thinking, scene_image_prompt, thinking_prompt
@@ -200,19 +200,32 @@ def _live_images(*where: ColumnElement[bool]) -> list[ColumnElement[bool]]:
 
 
 def _of_chat(chat_id: int) -> ColumnElement[bool]:
-    """Image jobs store their chat's id in their params (the per-chat quota and spacing read it)."""
-    return Job.params["chat_id"].as_integer() == chat_id
+    """The chat's jobs, found through its conversations' indexes (never a read of every image job)."""
+    return Job.conversation_id.in_(select(Conversation.id).where(Conversation.chat_id == chat_id))
+
+
+def _last_image(chat_id: int) -> Select[tuple[dt.datetime, int | None]]:
+    """When the chat's latest picture was queued, and the message that asked for it."""
+    return (
+        select(Job.created_at, Job.request_message_id)
+        .where(*_live_images(_of_chat(chat_id)))
+        .order_by(Job.id.desc())
+        .limit(1)
+    )
 
 
 def replies_since_image(session: Session, chat_id: int) -> int | None:
     """Character replies in the chat since its last picture was queued; None when it never had one."""
-    query = select(Job.created_at).where(*_live_images(_of_chat(chat_id))).order_by(Job.id.desc()).limit(1)
-    last = session.scalar(query)
+    last = session.execute(_last_image(chat_id)).first()
     if last is None:
         return None
+    queued_at, asked_in = last
     return session.scalar(
         select(func.count(Message.id)).where(
-            Message.chat_id == chat_id, Message.role == "character", Message.created_at > last
+            Message.chat_id == chat_id,
+            Message.id > (asked_in or 0),  # the replies since come after the asking message: an index range
+            Message.role == "character",
+            Message.created_at > queued_at,
         )
     ) or 0
 
@@ -291,9 +304,13 @@ def image_params(stored: Mapping[str, Any], settings: Settings) -> ImageParams:
 # --- cost and safety ------------------------------------------------------------------------------------------
 
 
-def _images_since(session: Session, since: dt.datetime, *where: ColumnElement[bool]) -> int:
+def _count_images_since(since: dt.datetime, *where: ColumnElement[bool]) -> Select[tuple[int]]:
     """Image jobs created since ``since`` that match ``where``, failures and cancellations not counted."""
-    return session.scalar(select(func.count(Job.id)).where(*_live_images(Job.created_at >= since, *where))) or 0
+    return select(func.count(Job.id)).where(*_live_images(Job.created_at >= since, *where))
+
+
+def _images_since(session: Session, since: dt.datetime, *where: ColumnElement[bool]) -> int:
+    return session.scalar(_count_images_since(since, *where)) or 0
 
 
 def _words(text: str) -> set[str]:

@@ -194,11 +194,14 @@ class Message(Base):
     """One turn: the user's words or the character's reply, with image references and platform ids."""
 
     __tablename__ = "messages"
-    __table_args__ = (Index("ix_messages_conversation", "conversation_id", "id"),)
+    __table_args__ = (
+        Index("ix_messages_conversation", "conversation_id", "id"),
+        Index("ix_messages_chat", "chat_id", "id"),  # a chat's recent turns: recall indexing, picture spacing
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
-    chat_id: Mapped[int] = mapped_column(ForeignKey("chats.id", ondelete="CASCADE"), index=True)
+    chat_id: Mapped[int] = mapped_column(ForeignKey("chats.id", ondelete="CASCADE"))
     role: Mapped[str] = mapped_column(String(16))  # user | character | system
     text: Mapped[str] = mapped_column(Text, default="")
     image_keys: Mapped[list[Any]] = mapped_column(default=list)

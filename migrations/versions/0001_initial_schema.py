@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-28 12:07:14.843369
+Create Date: 2026-11-28 12:20:55.558469
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_messages")),
     )
     with op.batch_alter_table("messages", schema=None) as batch_op:
-        batch_op.create_index(batch_op.f("ix_messages_chat_id"), ["chat_id"], unique=False)
+        batch_op.create_index("ix_messages_chat", ["chat_id", "id"], unique=False)
         batch_op.create_index("ix_messages_conversation", ["conversation_id", "id"], unique=False)
 
     op.create_table(
@@ -407,7 +407,7 @@ def downgrade() -> None:
     op.drop_table("jobs")
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.drop_index("ix_messages_conversation")
-        batch_op.drop_index(batch_op.f("ix_messages_chat_id"))
+        batch_op.drop_index("ix_messages_chat")
 
     op.drop_table("messages")
     with op.batch_alter_table("memories", schema=None) as batch_op:

@@ -9,6 +9,7 @@ a scan of every job, or of every memory, would make each message slower as the s
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from typing import Any
@@ -20,9 +21,10 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql import Executable
 
-from core.db.models import Character, Chat, Conversation, Job, Memory, Message, User
+from core.db.models import Character, Chat, Conversation, Job, Memory, Message, User, utcnow
 from core.db.prepared import Prepared
 from core.db.repositories import _TURN, _turn_statement
+from core.imaging import _count_images_since, _last_image, _of_chat
 from core.jobs import JobKind, JobState
 from core.memory import _FACTS_AND_SUMMARIES, _OPEN_SUMMARY, EXTRACTED, SUMMARY, forget_user
 
@@ -30,7 +32,8 @@ pytestmark = pytest.mark.integration
 
 FINISHED = 3000  # the user's finished chat jobs
 SUMMARIES = 300  # the conversation's finished summary jobs
-OTHER_SUMMARIES = 3000  # another user's conversations, each with its rolling summary
+OTHER_SUMMARIES = 3000  # another user's conversations in another chat, each with its summary and a picture
+PICTURES = 2  # the pictures of the user's own chat
 
 
 @pytest.fixture
@@ -66,6 +69,14 @@ def history(pg_sessionmaker: sessionmaker[Session]) -> dict[str, int]:
         summaries.append({**memory, "user_id": users[0].id, "chat_id": chat.id, "conversation_id": conversation.id})
         summaries.append({**memory, "user_id": users[0].id, "chat_id": chat.id, "kind": EXTRACTED})
         session.execute(insert(Memory), summaries)
+        picture = {"kind": JobKind.IMAGE, "state": JobState.DONE}
+        pictures = [
+            {**picture, "user_id": users[1].id, "conversation_id": other, "params": {"chat_id": elsewhere.id}}
+            for other in others
+        ]
+        ours = {"user_id": users[0].id, "conversation_id": conversation.id, "params": {"chat_id": chat.id}}
+        pictures += [{**picture, **ours}] * PICTURES
+        session.execute(insert(Job), pictures)
         session.flush()
         session.execute(text("ANALYZE"))  # the statistics autovacuum keeps in a deployment
         return {
@@ -179,3 +190,17 @@ def test_forgetting_a_user_reads_each_table_once_at_most(
         after = dict(session.execute(read, {"tables": big}).all())
     for table in big:  # one pass over the table at most (the user's rows are deleted in sets), not one per message
         assert after[table] - before[table] - rows[table] <= 0, (table, after[table] - before[table], rows[table])
+
+
+def test_a_chats_picture_pacing_and_quota_read_only_its_own_pictures(
+    pg_sessionmaker: sessionmaker[Session], history: dict[str, int]
+) -> None:
+    """They read the chat's pictures through its conversations: looking into every picture's params for its chat
+    read every picture ever made, at every reply of a chat with pictures on auto."""
+    chat_id = history["chat_id"]
+    with pg_sessionmaker() as session:
+        assert session.execute(_last_image(chat_id)).first() is not None
+        assert _read(_plan(session, _last_image(chat_id)), "jobs") <= PICTURES
+        day_ago = utcnow() - dt.timedelta(days=1)
+        assert session.scalar(_count_images_since(day_ago, _of_chat(chat_id))) == PICTURES
+        assert _read(_plan(session, _count_images_since(day_ago, _of_chat(chat_id))), "jobs") <= PICTURES
