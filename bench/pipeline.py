@@ -124,14 +124,15 @@ def _settings(data_dir: Path, database_url: str, redis_url: str, threads: int, w
     )
 
 
-def _dead_redis_url() -> str:
+def unused_redis_url() -> str:
+    """A Redis URL nothing answers at: ``private_redis`` then starts a private server on that free port."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return f"redis://127.0.0.1:{probe.getsockname()[1]}/0"
 
 
 @contextmanager
-def _postgres_database() -> Iterator[str]:
+def postgres_database() -> Iterator[str]:
     """A fresh PostgreSQL database for one run, dropped afterwards."""
     admin = make_engine(PG_ADMIN).execution_options(isolation_level="AUTOCOMMIT")
     name = f"unichar_bench_{os.getpid()}_{secrets.token_hex(3)}"
@@ -351,14 +352,14 @@ def main(argv: list[str] | None = None) -> int:
     # one private Redis for every run: the client's Celery app keeps its broker connections
     with (
         tempfile.TemporaryDirectory() as folder,
-        private_redis(_settings(Path(folder), "", _dead_redis_url(), 1)) as url,
+        private_redis(_settings(Path(folder), "", unused_redis_url(), 1)) as url,
     ):
         for database in args.db.split(","):
             for n, cpus in enumerate("" if cpus == "all" else cpus for cpus in args.worker_cpus):
                 if database == "sqlite":
                     _print(measure(database, f"sqlite:///{folder}/bench{n}.db", url, cpus, args))
                 else:
-                    with _postgres_database() as database_url:
+                    with postgres_database() as database_url:
                         _print(measure(database, database_url, url, cpus, args))
     return 0
 
