@@ -73,15 +73,15 @@ _HISTORY = (  # bound: users; every user gets the private chat of the same platf
 )
 
 
-def fill(engine: Engine, users: int) -> None:
-    """The long history: two characters, then ``users`` users with their chats, turns, jobs and memories."""
+def add_characters(engine: Engine) -> None:
+    """The two characters :func:`run_users` talks to and switches between."""
     with make_sessionmaker(engine).begin() as session:
-        session.add_all(
-            [
-                Character(name="Bench", description="Answers at once."),
-                Character(name="Other", description="Answers too."),
-            ]
-        )
+        session.add_all([Character(name="Bench", description="Answers at once."), Character(name="Other")])
+
+
+def fill(engine: Engine, users: int) -> None:
+    """The long history: the characters, then ``users`` users with their chats, turns, jobs and memories."""
+    add_characters(engine)
     with engine.begin() as connection:
         for statement in _HISTORY:
             connection.execute(text(statement), {"users": users})
@@ -167,24 +167,16 @@ def run_users(service: ChatService, drain: Callable[[], None]) -> None:
     say("h11", "/forget me confirm")
 
 
-def measure(database_url: str, redis_url: str, folder: Path, users: int, slow_ms: int) -> tuple[SlowStatements, float]:
-    """Fill the database, then run the users against it; returns the slow statements and the seconds filling took."""
+def run_users_in_process(settings: Settings, watch: Callable[[Engine], None] = lambda _engine: None) -> None:
+    """:func:`run_users` against ``settings``' database, each job run at once in this process on the zero-cost
+    model; ``watch`` gets the engine first, to listen to its connections."""
     from tests.doubles import EchoModel
     from workers.context import context_from_settings
     from workers.shared_model import SharedModel
     from workers.tasks import execute
 
-    upgrade(database_url)
-    started = time.perf_counter()
-    fill(engine := make_engine(database_url), users)
-    engine.dispose()
-    filled_s = time.perf_counter() - started
-    settings = Settings(
-        _env_file=None, data_dir=folder, database_url=database_url, redis_url=redis_url, log_level="WARNING"
-    )  # type: ignore[call-arg]
     context = context_from_settings(settings, SharedModel(EchoModel))
-    slow = SlowStatements()
-    explain_slow(context.sessionmaker.kw["bind"], slow_ms, slow)
+    watch(context.sessionmaker.kw["bind"])
     queued: list[int] = []
 
     def send(job_id: int, _kind: JobKind) -> None:
@@ -199,6 +191,20 @@ def measure(database_url: str, redis_url: str, folder: Path, users: int, slow_ms
     finally:
         context.sessionmaker.kw["bind"].dispose()
         context.redis.close()
+
+
+def measure(database_url: str, redis_url: str, folder: Path, users: int, slow_ms: int) -> tuple[SlowStatements, float]:
+    """Fill the database, then run the users against it; returns the slow statements and the seconds filling took."""
+    upgrade(database_url)
+    started = time.perf_counter()
+    fill(engine := make_engine(database_url), users)
+    engine.dispose()
+    filled_s = time.perf_counter() - started
+    settings = Settings(
+        _env_file=None, data_dir=folder, database_url=database_url, redis_url=redis_url, log_level="WARNING"
+    )  # type: ignore[call-arg]
+    slow = SlowStatements()
+    run_users_in_process(settings, lambda engine: explain_slow(engine, slow_ms, slow))
     return slow, filled_s
 
 

@@ -378,7 +378,10 @@ class Notification(Base):
     """A message for a user about their submission, delivered once by the bot of their platform."""
 
     __tablename__ = "notifications"
-    __table_args__ = (Index("ix_notifications_pending", "platform", "delivered_at", "id"),)
+    __table_args__ = (
+        Index("ix_notifications_pending", "platform", "delivered_at", "id"),
+        Index("ix_notifications_submission", "submission_id"),  # a forgotten user's submissions take theirs along
+    )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)

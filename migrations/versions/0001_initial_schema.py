@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-28 12:20:55.558469
+Create Date: 2026-11-28 12:38:49.445590
 """
 
 from __future__ import annotations
@@ -194,6 +194,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("notifications", schema=None) as batch_op:
         batch_op.create_index("ix_notifications_pending", ["platform", "delivered_at", "id"], unique=False)
+        batch_op.create_index("ix_notifications_submission", ["submission_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_notifications_user_id"), ["user_id"], unique=False)
 
     op.create_table(
@@ -419,6 +420,7 @@ def downgrade() -> None:
     op.drop_table("submission_images")
     with op.batch_alter_table("notifications", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_notifications_user_id"))
+        batch_op.drop_index("ix_notifications_submission")
         batch_op.drop_index("ix_notifications_pending")
 
     op.drop_table("notifications")
