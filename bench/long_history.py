@@ -158,12 +158,14 @@ def run_users(service: ChatService, drain: Callable[[], None]) -> None:
     for user in ("g1", "g2", "g3"):
         for n in range(4):
             say(user, f"in the group, about the festival {n}", chat="group1", group=True)
+    say("h9", "ahoy")  # the chat exists from here on, history or not
     with service.sessionmaker.begin() as session:
         session.execute(
             text("UPDATE chats SET image_policy = 'auto' WHERE platform = 'bench' AND platform_chat_id = 'h9'")
         )
     for n in range(5):
         say("h9", f"the map of the isles {n}")
+    say("h11", "remember the festival")
     say("h11", "/forget me confirm")
 
 

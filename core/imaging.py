@@ -310,6 +310,7 @@ def _count_images_since(since: dt.datetime, *where: ColumnElement[bool]) -> Sele
 
 
 def _images_since(session: Session, since: dt.datetime, *where: ColumnElement[bool]) -> int:
+    """How many: :func:`_count_images_since`."""
     return session.scalar(_count_images_since(since, *where)) or 0
 
 

@@ -99,8 +99,8 @@ def _constants_inline(statement: ClauseElement, dialect: Dialect) -> ClauseEleme
     """
 
     def inline(element: Any) -> Any:
-        if not isinstance(element, BindParameter) or not element.unique or element.callable is not None:
-            return None  # the caller's parameters (``bindparam("name")``) are not unique; defaults are callables
+        if not isinstance(element, BindParameter) or element.required or not element.unique or element.callable:
+            return None  # the caller's parameters (``bindparam("name")``) need a value; defaults are callables
         values = element.value if element.expanding else [element.value]
         literal = element.type.dialect_impl(dialect).literal_processor(dialect)
         if literal is None and any(value is not None for value in values):
