@@ -2,9 +2,10 @@
 reads only that user's rows.
 
 Every message counts its user's open jobs, every reply reads its conversation's summary and, past the window, looks
-for the conversation's open summary job. PostgreSQL's own plans are checked (EXPLAIN ANALYZE) on a long history of
-other users' finished jobs and memories, including the plan it caches for every execution of a prepared statement:
-a scan of every job, or of every memory, would make each message slower as the service ages.
+for the conversation's open summary job; a chat's pictures are counted for its quota and its auto policy.
+PostgreSQL's own plans are checked (EXPLAIN ANALYZE) on a long history of other users' finished jobs, memories and
+pictures, including the plan it caches for every execution of a prepared statement: a scan of every job, or of
+every memory, would make each message slower as the service ages.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ PICTURES = 2  # the pictures of the user's own chat
 
 @pytest.fixture
 def history(pg_sessionmaker: sessionmaker[Session]) -> dict[str, int]:
-    """One user with a long finished history in one conversation, another user's jobs beside it."""
+    """One user with a long finished history in one conversation; another user's jobs beside it, and their
+    conversations in another chat, each with a summary and a picture."""
     with pg_sessionmaker.begin() as session:
         users = [User(platform="console", platform_user_id=name, display_name=name) for name in ("old", "other")]
         chat = Chat(platform="console", platform_chat_id="c1", is_group=False)
@@ -65,10 +67,10 @@ def history(pg_sessionmaker: sessionmaker[Session]) -> dict[str, int]:
         theirs = {"user_id": users[1].id, "character_id": character.id, "chat_id": elsewhere.id}
         others = session.scalars(insert(Conversation).returning(Conversation.id), [theirs] * OTHER_SUMMARIES).all()
         memory = {"character_id": character.id, "kind": SUMMARY, "text": "They sailed."}
-        summaries = [{**theirs, **memory, "conversation_id": other} for other in others]
-        summaries.append({**memory, "user_id": users[0].id, "chat_id": chat.id, "conversation_id": conversation.id})
-        summaries.append({**memory, "user_id": users[0].id, "chat_id": chat.id, "kind": EXTRACTED})
-        session.execute(insert(Memory), summaries)
+        memories = [{**theirs, **memory, "conversation_id": other} for other in others]
+        memories.append({**memory, "user_id": users[0].id, "chat_id": chat.id, "conversation_id": conversation.id})
+        memories.append({**memory, "user_id": users[0].id, "chat_id": chat.id, "kind": EXTRACTED})
+        session.execute(insert(Memory), memories)
         picture = {"kind": JobKind.IMAGE, "state": JobState.DONE}
         pictures = [
             {**picture, "user_id": users[1].id, "conversation_id": other, "params": {"chat_id": elsewhere.id}}
