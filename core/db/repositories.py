@@ -186,6 +186,7 @@ def _turn_statement(queue: str) -> Select[Any]:
             chats.platform == bindparam("platform"),
             chats.platform_chat_id == bindparam("platform_chat_id"),
         )
+        .offset(0)  # kept a subquery: merged, its character choice would be planned once per use (three)
         .subquery()
     )
     return select(
