@@ -1,14 +1,23 @@
-"""bench.pipeline's stand-in for autovacuum maintains the tables a deployment's server would, and no others."""
+"""bench.pipeline runs end to end on both databases, and its stand-in for autovacuum maintains the tables a
+deployment's server would, and no others."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
 from bench.pipeline import Autovacuum
 from core.db.session import make_engine
+from tests.conftest import PgDatabases
 
 pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_vacuums_and_analyses_the_tables_past_autovacuums_thresholds(pg_url: str) -> None:
@@ -37,3 +46,27 @@ def test_vacuums_and_analyses_the_tables_past_autovacuums_thresholds(pg_url: str
         with engine.begin() as connection:
             connection.execute(text("DROP TABLE busy, quiet"))
         engine.dispose()
+
+
+def test_runs_a_short_bench_on_both_databases(
+    pg_databases: PgDatabases,
+    redis_url: str,  # requested to skip without Redis; the bench starts a private server of its own
+) -> None:
+    """The bench keeps working as the job path changes: a real worker process, its own Redis, both databases.
+
+    It runs as its users run it, a process of its own: its frontend configures this process's Celery app.
+    """
+    argv = ["--messages", "6", "--users", "2", "--per-user", "3", "--warmup", "2", "--worker-cpus", "all"]
+    env = {**os.environ, "UNICHAR_BENCH_PG_URL": pg_databases.admin_url}  # the bench makes and drops its database
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.pipeline", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| ")]
+    measured = {cells[0].strip(): cells for cells in rows[1:]}  # below the header
+    assert set(measured) == {"sqlite", "postgresql"}
+    for cells in measured.values():
+        assert float(cells[2]) > 0 and cells[5].strip() == "6"  # p50 ms, sequential messages
+        assert cells[6].strip().endswith("with 2 users (6)")  # throughput over 2 users x 3 messages
+        assert "worker" in cells[7] and "client" in cells[7]  # CPU a message by process
+    assert "postgres" in measured["postgresql"][7]
