@@ -318,6 +318,7 @@ class Autovacuum:
         self.runs = 0  # VACUUM and ANALYZE statements run so far
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="autovacuum", daemon=True)
+        self._error: Exception | None = None  # what stopped the thread: the run's figures would not be maintained
 
     def __enter__(self) -> Autovacuum:
         self.maintain()
@@ -327,6 +328,8 @@ class Autovacuum:
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        if self._error is not None:
+            raise RuntimeError("the autovacuum stand-in stopped during the run") from self._error
 
     def maintain(self) -> None:
         """Vacuum and analyse the tables due now."""
@@ -338,8 +341,11 @@ class Autovacuum:
                     self.runs += 1
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.maintain()
+        try:
+            while not self._stop.wait(self.interval_s):
+                self.maintain()
+        except Exception as error:  # noqa: BLE001 - reported by __exit__
+            self._error = error
 
 
 def _user(client: Client, user: str, count: int) -> int:

@@ -1,11 +1,12 @@
-"""bench.pipeline runs end to end on both databases, and its stand-in for autovacuum maintains the tables a
-deployment's server would, and no others."""
+"""bench.pipeline runs end to end on both databases. Its stand-in for autovacuum maintains the tables a deployment's
+server would, and no others, and a stand-in that stopped fails the run."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,21 @@ def test_runs_a_short_bench_on_both_databases(
         assert cells[6].strip().endswith("with 2 users (6)")  # throughput over 2 users x 3 messages
         assert "worker" in cells[7] and "client" in cells[7]  # CPU a message by process
     assert "postgres" in measured["postgresql"][7]
+
+
+def test_a_stand_in_that_stopped_fails_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unmaintained tables would make the run's figures quietly wrong: the error surfaces when the run ends."""
+    calls = []
+
+    def maintain(_self: Autovacuum) -> None:
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError("the server went away")
+
+    monkeypatch.setattr(Autovacuum, "maintain", maintain)
+    stand_in = Autovacuum(engine=None, interval_s=0.01)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="stopped during the run") as raised:
+        with stand_in:
+            while len(calls) < 2:
+                time.sleep(0.01)
+    assert isinstance(raised.value.__cause__, OSError)
