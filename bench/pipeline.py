@@ -249,28 +249,24 @@ def measure(database: str, database_url: str, redis_url: str, worker_cpus: str, 
         with make_sessionmaker(make_engine(settings.sql_url)).begin() as session:
             session.add(Character(name="Bench", description="Answers at once."))
             _add_history(session, args.history_jobs)
-        with _worker(settings) as worker:
+        with _worker(settings) as worker, contextlib.ExitStack() as stack:
             client = Client(settings)
-            stack = contextlib.ExitStack()  # autovacuum's stand-in, stopped before the client's engine closes
-            try:
-                for n in range(args.warmup):
-                    client.message("warmup", n)
-                if database == "postgresql" and args.analyze:
-                    stack.enter_context(Autovacuum(client.engine))
-                pids = {"client": None, "worker": worker.pid, "redis": client.redis.info("server")["process_id"]}
-                cpu = _CpuMeter(pids, client.engine)
-                # one message at a time, users in turn: conversations of messages / users turns each
-                latencies = sorted(client.message(f"solo{n % args.users}", n) for n in range(args.messages))
-                cpu_ms = cpu.per_message(args.messages)
-                started = time.perf_counter()
-                with ThreadPoolExecutor(args.users) as pool:
-                    work = [pool.submit(_user, client, f"user{u}", args.per_user) for u in range(args.users)]
-                    sent = sum(future.result() for future in work)
-                elapsed = time.perf_counter() - started
-                concurrent_cpu_ms = cpu.per_message(sent)
-            finally:
-                stack.close()
-                client.close()
+            stack.callback(client.close)  # after the autovacuum stand-in, which uses its engine, has stopped
+            for n in range(args.warmup):
+                client.message("warmup", n)
+            if database == "postgresql" and args.analyze:
+                stack.enter_context(Autovacuum(client.engine))
+            pids = {"client": None, "worker": worker.pid, "redis": client.redis.info("server")["process_id"]}
+            cpu = _CpuMeter(pids, client.engine)
+            # one message at a time, users in turn: conversations of messages / users turns each
+            latencies = sorted(client.message(f"solo{n % args.users}", n) for n in range(args.messages))
+            cpu_ms = cpu.per_message(args.messages)
+            started = time.perf_counter()
+            with ThreadPoolExecutor(args.users) as pool:
+                work = [pool.submit(_user, client, f"user{u}", args.per_user) for u in range(args.users)]
+                sent = sum(future.result() for future in work)
+            elapsed = time.perf_counter() - started
+            concurrent_cpu_ms = cpu.per_message(sent)
     return Result(
         database=database,
         worker_cpus=worker_cpus or "all",
