@@ -35,6 +35,7 @@ from core.db.migrate import upgrade
 from core.db.models import Character
 from core.db.session import make_engine, make_sessionmaker
 from core.jobs import IncomingMessage, JobKind
+from unichar.arguments import at_least
 from unichar.run import private_redis
 
 _TURNS = 20  # a conversation's turns, user and character in turn
@@ -178,7 +179,9 @@ def run_users_in_process(settings: Settings, watch: Callable[[Engine], None] = l
     from workers.tasks import execute
 
     context = context_from_settings(settings, SharedModel(EchoModel))
-    watch(context.sessionmaker.kw["bind"])
+    engine = context.sessionmaker.kw["bind"]
+    watch(engine)
+    engine.dispose()  # the connection the context read the database's name on was opened before the watch
     queued: list[int] = []
 
     def send(job_id: int, _kind: JobKind) -> None:
@@ -212,8 +215,10 @@ def measure(database_url: str, redis_url: str, folder: Path, users: int, slow_ms
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--users", type=int, default=20000, help="users in the history, each with a 20-turn chat")
-    parser.add_argument("--slow-ms", type=int, default=1, help="report statements slower than this (whole ms)")
+    parser.add_argument(
+        "--users", type=at_least(1), default=20000, help="users in the history, each with a 20-turn chat"
+    )
+    parser.add_argument("--slow-ms", type=at_least(0), default=1, help="report statements slower than this (whole ms)")
     parser.add_argument("--plans", action="store_true", help="print each slow statement's slowest plan")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder, postgres_database() as database_url:

@@ -43,6 +43,7 @@ from core.model.decode import TextStream
 from core.model.flow import guidance_active, timestep_schedule
 from core.model.runtime import UniCharacterRuntime, _TextBlock
 from core.model.tiny import TINY_LLM, TINY_VIT
+from unichar.arguments import at_least
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +262,7 @@ def table(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("model_bench.json"))
-    parser.add_argument("--runs", type=int, default=2, help="timed images after the warm-up")
+    parser.add_argument("--runs", type=at_least(1), default=2, help="timed images after the warm-up")
     parser.add_argument("--profile", type=Path, help="folder for a torch.profiler summary of a short image")
     parser.add_argument("--compare-plain", action="store_true",
                         help="first time the runtime without its compiled (fused) kernels")

@@ -50,7 +50,8 @@ from core.db.migrate import upgrade
 from core.db.models import Character, Job, User
 from core.db.session import make_engine, make_sessionmaker
 from core.jobs import Done, Failed, IncomingMessage, JobKind, JobState
-from core.streams import follow_sync
+from core.streams import follow_sync, stream_namespace
+from unichar.arguments import at_least
 from unichar.run import private_redis
 
 PG_ADMIN = os.environ.get("UNICHAR_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -214,7 +215,9 @@ class Client:
 
         configure(app, settings)
         self.engine = make_engine(settings.sql_url)
-        self.service = ChatService(make_sessionmaker(self.engine), settings, dispatch)
+        sessions = make_sessionmaker(self.engine)
+        self.stream_namespace = stream_namespace(sessions)
+        self.service = ChatService(sessions, settings, dispatch)
         self.redis = Redis.from_url(settings.redis_url)
 
     def message(self, user: str, n: int) -> float:
@@ -224,7 +227,7 @@ class Client:
         outcome = self.service.handle(IncomingMessage("bench", user, user, str(n), text))
         if not isinstance(outcome, JobQueued):
             raise RuntimeError(f"message refused: {outcome}")
-        for _entry, event in follow_sync(self.redis, outcome.job_id, idle_timeout_s=60):
+        for _entry, event in follow_sync(self.redis, self.stream_namespace, outcome.job_id, idle_timeout_s=60):
             if isinstance(event, Failed):
                 raise RuntimeError(f"job {outcome.job_id} failed: {event.error}")
             if isinstance(event, Done) and event.message_id is None:
@@ -367,11 +370,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mode", nargs="?", choices=("bench", "worker"), default="bench")
     parser.add_argument("--db", default="sqlite,postgresql", help="comma-separated: sqlite, postgresql")
-    parser.add_argument("--messages", type=int, default=1000, help="sequential messages for p50/p99")
-    parser.add_argument("--users", type=int, default=50, help="users (concurrent in the throughput run)")
-    parser.add_argument("--per-user", type=int, default=20, help="messages each concurrent user sends")
-    parser.add_argument("--threads", type=int, default=4, help="worker threads")
-    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--messages", type=at_least(1), default=1000, help="sequential messages for p50/p99")
+    parser.add_argument("--users", type=at_least(1), default=50, help="users (concurrent in the throughput run)")
+    parser.add_argument("--per-user", type=at_least(1), default=20, help="messages each concurrent user sends")
+    parser.add_argument("--threads", type=at_least(1), default=4, help="worker threads")
+    parser.add_argument("--warmup", type=at_least(0), default=50)
     parser.add_argument(
         "--no-analyze",
         dest="analyze",
@@ -379,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         help="leave PostgreSQL's tables unmaintained after the warm-up (no statistics, no vacuum)",
     )
     parser.add_argument(
-        "--history-jobs", type=int, default=0, help="finished jobs of another user in the database beforehand"
+        "--history-jobs", type=at_least(0), default=0, help="finished jobs of another user in the database beforehand"
     )
     parser.add_argument(
         "--worker-cpus",

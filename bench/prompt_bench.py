@@ -29,6 +29,7 @@ from core.db.models import Base, Character, Chat, Conversation, Message, User
 from core.db.session import make_engine, make_sessionmaker
 from core.model.tiny import tiny_tokenizer
 from core.prompting import assemble_prompt
+from unichar.arguments import at_least
 
 WORDS = (
     "mahjong tile temple tuna nap priestess bell riichi dealer haneman win lose round table tea cat ear kimono "
@@ -142,8 +143,8 @@ def reference_loop_s() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--messages", type=int, default=10_000)
-    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--messages", type=at_least(1), default=10_000)
+    parser.add_argument("--iterations", type=at_least(1), default=200)
     parser.add_argument("--database-url", default="", help="SQL store (default: a fresh SQLite file)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -44,6 +44,7 @@ from training.packing import (
     TrainingForward,
 )
 from training.sft import sample_batch
+from unichar.arguments import at_least
 
 WORDS = ["the", "cat", "sat", "on", "a", "warm", "red", "chair", "in", "the", "sunny", "garden", "and", "smiled", "at", "the", "little", "girl", "who", "loves", "mahjong"]
 GPU_VARIANTS = (
@@ -158,13 +159,17 @@ def _parity(model: Bagel, batch: PackedBatch) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (compilation happens here)")
-    parser.add_argument("--rank", type=int, default=64)
+    parser.add_argument("--tokens", type=at_least(1), default=8192)
+    parser.add_argument("--steps", type=at_least(1), default=4, help="timed steps per variant")
+    parser.add_argument(
+        "--warmup", type=at_least(0), default=2, help="untimed steps per variant (compilation happens here)"
+    )
+    parser.add_argument("--rank", type=at_least(1), default=64)
     parser.add_argument("--alpha", type=float, default=128.0)
-    parser.add_argument("--latent-side", type=int, default=64, help="latent grid side of a target (64: 1024 px)")
-    parser.add_argument("--vit-side", type=int, default=37, help="ViT patch grid side of the VQA image")
+    parser.add_argument(
+        "--latent-side", type=at_least(1), default=64, help="latent grid side of a target (64: 1024 px)"
+    )
+    parser.add_argument("--vit-side", type=at_least(1), default=37, help="ViT patch grid side of the VQA image")
     parser.add_argument("--variants", default="", help="comma-separated variants (see the module doc)")
     parser.add_argument("--json", type=Path, help="also write the results here (rewritten after each variant)")
     parser.add_argument("--profile", type=Path, help="profile one extra step of the last variant (CUDA) into this file")

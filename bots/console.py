@@ -28,7 +28,7 @@ from core.jobs import (
     TextDelta,
 )
 from core.media import FileStore
-from core.streams import follow_sync
+from core.streams import follow_sync, stream_namespace
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -50,6 +50,7 @@ class ConsoleFrontend:
 
     service: ChatService
     redis: Redis
+    stream_namespace: str  # the database's installation token (core.streams)
     store: FileStore
     image_dir: Path
     out: TextIO
@@ -101,7 +102,9 @@ class ConsoleFrontend:
         job_ids = [queued.job_id]
         for job_id in job_ids:
             try:
-                for _entry_id, event in follow_sync(self.redis, job_id, idle_timeout_s=self.idle_timeout_s):
+                for _entry_id, event in follow_sync(
+                    self.redis, self.stream_namespace, job_id, idle_timeout_s=self.idle_timeout_s
+                ):
                     if isinstance(event, ImageFollows):
                         job_ids.append(event.job_id)
                     self.render(job_id, event)
@@ -115,7 +118,7 @@ class ConsoleFrontend:
         elif isinstance(event, Progress):
             self._progress(event)
         elif isinstance(event, ImageReady):
-            self._status(f"[image saved: {self._save(job_id, event)}]")
+            self._show_image(job_id, event)
         elif isinstance(event, ImageRefused):
             self._status(f"[no picture: {event.reason}]")
         elif isinstance(event, Done):
@@ -153,13 +156,18 @@ class ConsoleFrontend:
             eta = (now - started) / (event.step - first_step) * (event.total - event.step)
         return f", about {eta:.0f} s left" if eta is not None and event.step < event.total else ""
 
-    def _save(self, job_id: int, event: ImageReady) -> Path:
-        """Copy the image out of the file store into the console's image folder."""
+    def _show_image(self, job_id: int, event: ImageReady) -> None:
+        """Copy the image out of the file store into the console's image folder and say where it is."""
         self.image_dir.mkdir(parents=True, exist_ok=True)
         target = self.image_dir / f"job{job_id}-{event.key[:12]}{Path(event.key).suffix}"
-        with self.store.open(event.key) as source, target.open("wb") as sink:
-            shutil.copyfileobj(source, sink)
-        return target.resolve()
+        try:
+            with self.store.open(event.key) as source, target.open("wb") as sink:
+                shutil.copyfileobj(source, sink)
+        except FileNotFoundError:  # deleted from the file store since (a forgotten user, a cleared data folder)
+            target.unlink(missing_ok=True)
+            self._status(f"! The picture of request #{job_id} is no longer stored.")
+            return
+        self._status(f"[image saved: {target.resolve()}]")
 
     def _status(self, text: str) -> None:
         """A status line of its own between pieces of the reply."""
@@ -180,11 +188,13 @@ def run_console(settings: Settings, user: str = "local", lines: TextIO | None = 
     from workers.tasks import dispatch
 
     engine = make_engine(settings.sql_url)
+    sessions = make_sessionmaker(engine)
     client = redis.Redis.from_url(settings.redis_url)
     store = FileStore(settings.files_dir)
     frontend = ConsoleFrontend(
-        service=ChatService(make_sessionmaker(engine), settings, dispatch, store),
+        service=ChatService(sessions, settings, dispatch, store),
         redis=client,
+        stream_namespace=stream_namespace(sessions),
         store=store,
         image_dir=settings.console_image_dir,
         out=out or sys.stdout,

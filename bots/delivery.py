@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -50,6 +50,7 @@ from core.jobs import (
     TextDelta,
 )
 from core.queue import position
+from core.streams import Follow
 
 if TYPE_CHECKING:
     from core.media import FileStore
@@ -67,7 +68,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Action = Literal["typing", "upload_photo"]
-Follow = Callable[[int, str], AsyncIterator[tuple[str, JobEvent]]]  # (job id, last entry id); TimeoutError when idle
 
 _DELIVERED_KINDS = (JobKind.CHAT, JobKind.IMAGE)
 

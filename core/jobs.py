@@ -2,7 +2,7 @@
 
 A frontend turns a platform update into an :class:`IncomingMessage`; the chat service stores it with a ``Job``
 row and sends a Celery task carrying only the job id. The worker publishes :data:`JobEvent` values to the Redis
-stream ``job:{id}``; frontends read them back with :func:`decode_event`. Events are small, immutable and carry
+stream (``stream_key``); frontends read them back with :func:`decode_event`. Events are small, immutable and carry
 references (file-store keys), never image bytes.
 """
 
@@ -170,9 +170,9 @@ _EVENT_TYPES: Final[dict[str, type[Any]]] = {
 }
 
 
-def stream_key(job_id: int) -> str:
-    """The Redis stream that carries one job's events."""
-    return f"job:{job_id}"
+def stream_key(namespace: str, job_id: int) -> str:
+    """The Redis stream that carries one job's events; ``namespace`` names the database the job is a row of."""
+    return f"job:{namespace}:{job_id}"
 
 
 def encode_event(event: JobEvent) -> dict[str, str]:

@@ -1,28 +1,61 @@
 """Per-job event streams in Redis: the worker appends, frontends follow from where they stopped.
 
-Each job has one stream ``job:{id}`` (``core.jobs.stream_key``), capped in length and expiring
+Each job has one stream ``job:{namespace}:{id}`` (``core.jobs.stream_key``), capped in length and expiring
 ``settings.event_ttl_s`` after its last event, so that a frontend that restarts can resume from the last entry id
-it rendered. Following ends after a ``Done`` or ``Failed`` event.
+it rendered. Following ends after a ``Done`` or ``Failed`` event. The namespace is the database's installation
+token (:func:`stream_namespace`): job ids start again at 1 in a new database, and its frontends must not replay
+the streams of the old one's jobs while those expire.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from redis.exceptions import NoScriptError
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
+from core.db.models import Installation
 from core.jobs import Done, Failed, JobEvent, decode_event, encode_event, stream_key
 
 if TYPE_CHECKING:
     from redis import Redis
     from redis.asyncio import Redis as AsyncRedis
+    from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["MAX_EVENTS", "publish", "publish_all", "run_script", "follow", "follow_sync", "is_final"]
+__all__ = [
+    "MAX_EVENTS",
+    "stream_namespace",
+    "Follow",
+    "publish",
+    "publish_all",
+    "run_script",
+    "follow",
+    "follow_sync",
+    "follower",
+    "is_final",
+]
 
 MAX_EVENTS: Final = 10_000  # approximate cap; a reply streams a few hundred deltas
 _BLOCK_MS: Final = 1_000
+
+
+def stream_namespace(sessions: sessionmaker[Session]) -> str:
+    """The namespace of the database's job streams: its installation token, read once when a process starts.
+
+    LookupError when the schema predates the token (run ``unichar db upgrade``).
+    """
+    unnamed = "the SQL store has no installation row: run `unichar db upgrade`"
+    try:
+        with sessions() as session:
+            token = session.scalar(select(Installation.token))
+    except DBAPIError as error:  # no such table: created before migration 0002 and never upgraded
+        raise LookupError(unnamed) from error
+    if token is None:
+        raise LookupError(unnamed)
+    return token
 
 
 def is_final(event: JobEvent) -> bool:
@@ -30,9 +63,9 @@ def is_final(event: JobEvent) -> bool:
     return isinstance(event, (Done, Failed))
 
 
-def publish(redis: Redis, job_id: int, event: JobEvent, ttl_s: int = 3600) -> str:
+def publish(redis: Redis, namespace: str, job_id: int, event: JobEvent, ttl_s: int = 3600) -> str:
     """Append ``event`` to the job's stream and push its expiry ``ttl_s`` ahead; returns the entry id."""
-    return publish_all(redis, job_id, [event], ttl_s)
+    return publish_all(redis, namespace, job_id, [event], ttl_s)
 
 
 # XADD each event, then push the expiry ahead: one command, atomic, so a blocked XREAD wakes once for them all
@@ -56,24 +89,25 @@ def run_script(redis: Redis, source: str, keys: Sequence[str], args: Sequence[ob
         return redis.evalsha(digest, len(keys), *keys, *args)  # type: ignore[arg-type]
 
 
-def publish_all(redis: Redis, job_id: int, events: Sequence[JobEvent], ttl_s: int = 3600) -> str:
+def publish_all(redis: Redis, namespace: str, job_id: int, events: Sequence[JobEvent], ttl_s: int = 3600) -> str:
     """Append ``events`` in order in one round trip and push the expiry ahead; returns the last entry id."""
     args = (MAX_EVENTS, ttl_s, *(encode_event(event)["e"] for event in events))
-    entry_id = run_script(redis, _APPEND, [stream_key(job_id)], args)
+    entry_id = run_script(redis, _APPEND, [stream_key(namespace, job_id)], args)
     return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
 class _Cursor:
     """Where a follower stands in one stream: the last entry id read and how long nothing came."""
 
-    __slots__ = ("_idle_ms", "idle_timeout_s", "job_id", "last_id")
+    __slots__ = ("_idle_ms", "idle_timeout_s", "job_id", "key", "last_id")
 
-    def __init__(self, job_id: int, last_id: str, idle_timeout_s: float | None) -> None:
-        self.job_id, self.last_id, self.idle_timeout_s, self._idle_ms = job_id, last_id, idle_timeout_s, 0
+    def __init__(self, namespace: str, job_id: int, last_id: str, idle_timeout_s: float | None) -> None:
+        self.key, self.job_id, self.last_id = stream_key(namespace, job_id), job_id, last_id
+        self.idle_timeout_s, self._idle_ms = idle_timeout_s, 0
 
     def read_args(self) -> dict[str, object]:
         """Arguments of the next blocking XREAD."""
-        return {"streams": {stream_key(self.job_id): self.last_id}, "block": _BLOCK_MS, "count": 100}
+        return {"streams": {self.key: self.last_id}, "block": _BLOCK_MS, "count": 100}
 
     def take(self, reply: object) -> list[tuple[str, JobEvent]]:
         """The (entry id, event) pairs of one XREAD reply; raises TimeoutError past the idle timeout."""
@@ -90,13 +124,13 @@ class _Cursor:
 
 
 async def follow(
-    redis: AsyncRedis, job_id: int, last_id: str = "0", idle_timeout_s: float | None = None
+    redis: AsyncRedis, namespace: str, job_id: int, last_id: str = "0", idle_timeout_s: float | None = None
 ) -> AsyncIterator[tuple[str, JobEvent]]:
     """Yield the job's (entry id, event) pairs after ``last_id`` as they come, ending after Done/Failed.
 
     ``idle_timeout_s`` ends the iteration with TimeoutError when nothing arrives for that long.
     """
-    cursor = _Cursor(job_id, last_id, idle_timeout_s)
+    cursor = _Cursor(namespace, job_id, last_id, idle_timeout_s)
     while True:
         for entry_id, event in cursor.take(await redis.xread(**cursor.read_args())):  # type: ignore[arg-type]
             yield entry_id, event
@@ -105,12 +139,25 @@ async def follow(
 
 
 def follow_sync(
-    redis: Redis, job_id: int, last_id: str = "0", idle_timeout_s: float | None = None
+    redis: Redis, namespace: str, job_id: int, last_id: str = "0", idle_timeout_s: float | None = None
 ) -> Iterator[tuple[str, JobEvent]]:
     """The blocking twin of :func:`follow`, for threads and scripts."""
-    cursor = _Cursor(job_id, last_id, idle_timeout_s)
+    cursor = _Cursor(namespace, job_id, last_id, idle_timeout_s)
     while True:
         for entry_id, event in cursor.take(redis.xread(**cursor.read_args())):  # type: ignore[arg-type]
             yield entry_id, event
             if is_final(event):
                 return
+
+
+Follow: TypeAlias = Callable[[int, str], AsyncIterator[tuple[str, JobEvent]]]
+"""A bot's way to read a job's events: (job id, last entry id rendered) -> the events after it."""
+
+
+def follower(redis: AsyncRedis, namespace: str, idle_timeout_s: float) -> Follow:
+    """:func:`follow` bound to one database's streams, ending with TimeoutError after ``idle_timeout_s`` of quiet."""
+
+    def follow_job(job_id: int, last_id: str) -> AsyncIterator[tuple[str, JobEvent]]:
+        return follow(redis, namespace, job_id, last_id, idle_timeout_s=idle_timeout_s)
+
+    return follow_job

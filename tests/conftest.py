@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm import sessionmaker as SessionMaker
 
 from core.config import Settings
-from core.db.models import Base
+from core.db.models import Base, Installation
 from core.db.session import make_engine, make_sessionmaker
 
 PG_ADMIN = os.environ.get("UNICHAR_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -42,13 +42,14 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
 
 
 def reset_tables(engine: Engine) -> None:
-    """Empty every table (ids restart on PostgreSQL)."""
+    """Empty every table but the database's name (ids restart on PostgreSQL), as workers keep the name they read."""
+    tables = [t for t in Base.metadata.sorted_tables if t is not Installation.__table__]
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
-            names = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+            names = ", ".join(f'"{t.name}"' for t in tables)
             conn.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
         else:
-            for table in reversed(Base.metadata.sorted_tables):
+            for table in reversed(tables):
                 conn.execute(table.delete())
 
 
@@ -231,6 +232,7 @@ class Live:
 def worker_context(tmp_path_factory: pytest.TempPathFactory, redis_url: str, request: pytest.FixtureRequest) -> Any:
     """The session worker's resources: PostgreSQL when reachable (else SQLite), the run's Redis, a tmp file store."""
     from core.media import FileStore
+    from core.streams import stream_namespace
     from tests.doubles import EchoModel
     from workers.context import WorkerContext
     from workers.shared_model import SharedModel
@@ -244,12 +246,14 @@ def worker_context(tmp_path_factory: pytest.TempPathFactory, redis_url: str, req
     engine = make_engine(settings.sql_url)
     Base.metadata.create_all(engine)
     model = EchoModel()
+    sessions = make_sessionmaker(engine)
     return WorkerContext(
         settings=settings,
-        sessionmaker=make_sessionmaker(engine),
+        sessionmaker=sessions,
         redis=Redis.from_url(redis_db(redis_url, STREAM_DB)),
         store=FileStore(settings.files_dir),
         model=SharedModel(lambda: model),
+        stream_namespace=stream_namespace(sessions),
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from core.config import Settings
+from core.db.migrate import head
 from unichar import cli
 
 
@@ -130,7 +131,11 @@ def test_chat_without_redis_or_schema_says_what_to_do(
         pytest.skip("no Redis on 127.0.0.1:6379")
     monkeypatch.setenv("UNICHAR_REDIS_URL", "redis://127.0.0.1:6379/0")
     assert cli.main(["chat"]) == 2
-    assert "unichar db upgrade" in capsys.readouterr().err
+    assert "no schema yet: run `unichar db upgrade`" in capsys.readouterr().err
+    assert cli.main(["db", "upgrade", "0001"]) == 0  # a database of an earlier release
+    capsys.readouterr()
+    assert cli.main(["chat"]) == 2
+    assert f"schema is at 0001, not {head()}: run `unichar db upgrade`" in capsys.readouterr().err
 
 
 def test_database_and_redis_passwords_are_masked_too(capsys: pytest.CaptureFixture[str]) -> None:

@@ -29,7 +29,7 @@ from core.jobs import JobState, Progress
 from core.media import FileStore
 from core.model.api import CharacterModel
 from core.model.lora import base_model_hash
-from core.streams import publish
+from core.streams import publish, stream_namespace
 from core.submissions import Submissions
 from training.annotate import Annotation, Persona, annotate, read_jsonl, write_jsonl
 from training.evaluate import EvalConfig, ViTFeatures, evaluate
@@ -128,7 +128,7 @@ def run_training(
     check = check or _job_check(db, job_id)
     load_model = load_model or (lambda: load_base_model(settings))
     work = _begin(db, service, job_id)
-    emit = _emitter(redis, job_id, settings.event_ttl_s)
+    emit = _emitter(redis, db, job_id, settings.event_ttl_s)
     try:
         return _run(job_id, work, settings, db, service, store, emit, load_model, check, sft_overrides or {},
                     eval_config or EvalConfig(), caption_tokens)
@@ -146,10 +146,14 @@ def run_training(
         raise
 
 
-def _emitter(redis: Redis | None, job_id: int, ttl_s: int) -> Callable[[Progress], None]:
+def _emitter(redis: Redis | None, db: sessionmaker[Session], job_id: int, ttl_s: int) -> Callable[[Progress], None]:
+    """Progress onto the job's stream, or nowhere without Redis."""
+    if redis is None:
+        return lambda _event: None
+    namespace = stream_namespace(db)
+
     def emit(event: Progress) -> None:
-        if redis is not None:
-            publish(redis, job_id, event, ttl_s)
+        publish(redis, namespace, job_id, event, ttl_s)
 
     return emit
 

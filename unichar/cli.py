@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from core.config import Settings
 from core.jobs import QUEUE_OF_KIND
+from unichar.arguments import at_least
 
 __all__ = ["main", "build_parser", "configure_logging", "describe_settings_error", "QUEUES"]
 
@@ -91,16 +92,6 @@ def _queues(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return value
-
-
 # --- handlers -------------------------------------------------------------------------------------------------
 
 
@@ -117,13 +108,16 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 def _chat(args: argparse.Namespace, settings: Settings) -> int:
     """The terminal frontend, through Redis and a worker like any bot."""
     from bots.console import run_console
-    from core.db.migrate import current
+    from core.db.migrate import current, head
     from unichar.run import redis_answers
 
     if not redis_answers(settings.redis_url):
         raise CliError("Redis does not answer at UNICHAR_REDIS_URL: start `unichar run` (it starts one) or set the URL")
-    if current(settings.sql_url) is None:
+    at = current(settings.sql_url)
+    if at is None:
         raise CliError("the SQL store has no schema yet: run `unichar db upgrade` (or `unichar run`) first")
+    if at != head():
+        raise CliError(f"the SQL store's schema is at {at}, not {head()}: run `unichar db upgrade` (or `unichar run`)")
     return run_console(settings, user=args.user)
 
 
@@ -193,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run a Celery worker")
     worker.add_argument("--queues", type=_queues, required=True, help="comma-separated: chat,image,train")
-    worker.add_argument("--threads", type=_positive, help="threads sharing the model (default: UNICHAR_WORKER_THREADS)")
+    worker.add_argument(
+        "--threads", type=at_least(1), help="threads sharing the model (default: UNICHAR_WORKER_THREADS)"
+    )
     worker.set_defaults(handler=_worker)
 
     sub.add_parser("sweeper", help="re-send jobs that were lost on their way to a worker").set_defaults(

@@ -15,6 +15,7 @@ from redis import Redis
 from core.config import Settings, get_settings
 from core.db.session import make_engine, make_sessionmaker
 from core.media import FileStore
+from core.streams import stream_namespace
 from workers.shared_model import SharedModel, load_runtime
 
 if TYPE_CHECKING:
@@ -32,16 +33,19 @@ class WorkerContext:
     redis: Redis
     store: FileStore
     model: SharedModel
+    stream_namespace: str  # the database's, read at start (core.streams.stream_namespace)
 
 
 def context_from_settings(settings: Settings, model: SharedModel | None = None) -> WorkerContext:
     """Resources for ``settings``; the model defaults to the runtime the settings name, loaded on first use."""
+    sessions = make_sessionmaker(make_engine(settings.sql_url))
     return WorkerContext(
         settings=settings,
-        sessionmaker=make_sessionmaker(make_engine(settings.sql_url)),
+        sessionmaker=sessions,
         redis=Redis.from_url(settings.redis_url),
         store=FileStore(settings.files_dir),
         model=model or SharedModel(lambda: load_runtime(settings)),
+        stream_namespace=stream_namespace(sessions),
     )
 
 

@@ -144,7 +144,7 @@ def _aware(moment: dt.datetime | None) -> dt.datetime | None:
 
 def emit(ctx: WorkerContext, job_id: int, *events: JobEvent) -> None:
     """Publish ``events`` on the job's stream, in one round trip."""
-    publish_all(ctx.redis, job_id, events, ctx.settings.event_ttl_s)
+    publish_all(ctx.redis, ctx.stream_namespace, job_id, events, ctx.settings.event_ttl_s)
 
 
 def claim(ctx: WorkerContext, job_id: int, redelivered: bool = False) -> Claim | None:

@@ -20,27 +20,15 @@ from core.media import FileStore
 from core.submissions import Submissions
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-
     from redis.asyncio import Redis
 
     from core.config import Settings
-    from core.jobs import JobEvent
 
-__all__ = ["FOLLOW_IDLE_S", "main", "serve", "stream_follower"]
+__all__ = ["FOLLOW_IDLE_S", "main", "serve"]
 
 log = logging.getLogger(__name__)
 
 FOLLOW_IDLE_S: Final = 5.0  # a quiet stream makes the delivery read the job row (queue position, stored reply)
-
-
-def stream_follower(redis: Redis, idle_timeout_s: float = FOLLOW_IDLE_S):  # type: ignore[no-untyped-def]
-    """The delivery's ``follow``: a job's events from Redis, TimeoutError after ``idle_timeout_s`` of quiet."""
-
-    def follow(job_id: int, last_id: str) -> AsyncIterator[tuple[str, JobEvent]]:
-        return streams.follow(redis, job_id, last_id, idle_timeout_s=idle_timeout_s)
-
-    return follow
 
 
 def services(settings: Settings, sessions, redis: Redis, dispatch: Dispatch) -> Services:  # type: ignore[no-untyped-def]
@@ -52,7 +40,7 @@ def services(settings: Settings, sessions, redis: Redis, dispatch: Dispatch) -> 
         chat=ChatService(sessions, settings, dispatch, store),
         submissions=Submissions(settings, store, dispatch=lambda job_id: dispatch(job_id, JobKind.TRAIN)),
         files=store,
-        follow=stream_follower(redis),
+        follow=streams.follower(redis, streams.stream_namespace(sessions), FOLLOW_IDLE_S),
     )
 
 

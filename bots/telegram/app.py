@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import select
@@ -40,7 +39,7 @@ from core import streams
 from core.chat import COMMANDS, ChatService, Dispatch
 from core.config import Settings, get_settings
 from core.db.models import User
-from core.jobs import JobEvent, JobKind
+from core.jobs import JobKind
 from core.media import FileStore
 from core.submissions import Submissions, mark_delivered, pending_notifications
 
@@ -53,10 +52,6 @@ __all__ = ["build_application", "main"]
 log = logging.getLogger(__name__)
 
 MESSAGES: Final = filters.UpdateType.MESSAGE  # new messages only: edits are handled (ignored) on their own
-
-
-def _follow(redis: Redis, idle_s: float, job_id: int, last_id: str) -> AsyncIterator[tuple[str, JobEvent]]:
-    return streams.follow(redis, job_id, last_id, idle_timeout_s=idle_s)
 
 
 def _renderer_for(
@@ -94,7 +89,7 @@ def build_application(
     store = store or FileStore(settings.files_dir)
     deliveries = Deliveries(
         sessions,
-        functools.partial(_follow, redis, settings.telegram_poll_s),
+        streams.follower(redis, streams.stream_namespace(sessions), settings.telegram_poll_s),
         store,
         functools.partial(_renderer_for, application, settings),
         PLATFORM,

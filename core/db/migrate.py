@@ -10,10 +10,11 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from core.db.session import make_engine
 
-__all__ = ["MIGRATIONS_DIR", "alembic_config", "upgrade", "downgrade", "current"]
+__all__ = ["MIGRATIONS_DIR", "alembic_config", "upgrade", "downgrade", "current", "head"]
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
@@ -44,3 +45,11 @@ def current(url: str) -> str | None:
             return MigrationContext.configure(connection).get_current_revision()
     finally:
         engine.dispose()
+
+
+def head() -> str:
+    """The revision the migration scripts bring a database to."""
+    revision = ScriptDirectory.from_config(alembic_config("")).get_current_head()
+    if revision is None:
+        raise RuntimeError(f"no migration script in {MIGRATIONS_DIR}")
+    return revision

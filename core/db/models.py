@@ -9,12 +9,14 @@ are ``WriteOnlyMapped`` so they are queried, never loaded whole.
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from typing import Any, Optional
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Enum,
     Float,
@@ -25,6 +27,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, WriteOnlyMapped, mapped_column, relationship
 
@@ -47,6 +50,7 @@ __all__ = [
     "TrainingJob",
     "AuditEntry",
     "Notification",
+    "Installation",
 ]
 
 # Named constraints, so that Alembic migrations are reproducible on SQLite and PostgreSQL alike.
@@ -65,6 +69,11 @@ Id = BigInteger().with_variant(Integer(), "sqlite")
 def _str_enum(cls: type) -> Enum:
     """A string enum stored by value in a VARCHAR (no native ENUM type to migrate)."""
     return Enum(cls, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
+
+
+def new_installation_token() -> str:
+    """A fresh database's name (see ``Installation``): 64 random bits in hex."""
+    return secrets.token_hex(8)
 
 
 def utcnow() -> dt.datetime:
@@ -395,3 +404,24 @@ class Notification(Base):
 
     def __repr__(self) -> str:
         return f"Notification(id={self.id}, kind={self.kind!r}, user_id={self.user_id})"
+
+
+class Installation(Base):
+    """The one row that names this database: a random token drawn when its tables were created.
+
+    Redis keys built from row ids (the job event streams, ``core.streams``) carry it, so a database created again
+    with the same ids never reads the streams the previous one left behind while they expire.
+    """
+
+    __tablename__ = "installation"
+    __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, default=1)
+    token: Mapped[str] = mapped_column(String(32), default=new_installation_token)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+@event.listens_for(Installation.__table__, "after_create")
+def _name_new_database(table: Any, connection: Any, **_kw: Any) -> None:
+    """``create_all`` names the database as the migration does (tests and scripts create tables that way)."""
+    connection.execute(table.insert().values(id=1, token=new_installation_token(), created_at=utcnow()))

@@ -17,6 +17,7 @@ from bots.console import QUIT, ConsoleFrontend
 from bots.telegram.app import build_application
 from bots.telegram.handlers import ADMIN_COMMANDS, help_text
 from core.chat import COMMANDS, ChatService
+from core.db.models import Base
 from core.db.session import make_engine, make_sessionmaker
 from core.jobs import IncomingMessage
 from core.media import FileStore
@@ -38,8 +39,10 @@ def _service(tmp_path: Path) -> ChatService:
 
 def _telegram_commands(tmp_path: Path) -> set[str]:
     settings = make_settings(tmp_path, telegram_token="123:fake")
-    sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'tg.db'}"))
-    no_redis: Any = None  # building the handlers talks to nothing
+    engine = make_engine(f"sqlite:///{tmp_path / 'tg.db'}")
+    Base.metadata.create_all(engine)  # building reads the database's name (core.streams.stream_namespace)
+    sessions = make_sessionmaker(engine)
+    no_redis: Any = None  # and talks to nothing else
     application = build_application(settings, sessions=sessions, dispatch=lambda _job, _kind: None, redis=no_redis)
     handlers: list[Any] = [h for group in application.handlers.values() for h in group]
     for handler in list(handlers):
@@ -68,7 +71,9 @@ def test_the_console_help_adds_its_own_commands(tmp_path: Path) -> None:
     service = _service(tmp_path)
     out = io.StringIO()
     no_redis: Any = None  # /help is answered without a job to follow
-    console = ConsoleFrontend(service, redis=no_redis, store=service.store, image_dir=tmp_path, out=out)
+    console = ConsoleFrontend(
+        service, redis=no_redis, stream_namespace="", store=service.store, image_dir=tmp_path, out=out
+    )
     console.send("/help")
     listed = _named(out.getvalue())
     assert listed == (set(service._commands) - set(ALIASES)) | {"quit"}

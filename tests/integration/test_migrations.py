@@ -7,9 +7,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from core.db.migrate import current, downgrade, upgrade
+from core.db.migrate import current, downgrade, head, upgrade
 from core.db.models import Base
-from core.db.session import make_engine
+from core.db.session import make_engine, make_sessionmaker
+from core.streams import stream_namespace
 
 pytestmark = pytest.mark.integration
 
@@ -59,3 +60,31 @@ def test_upgrade_downgrade_upgrade(fresh_url):
 def test_the_migrations_match_the_models(fresh_url):
     upgrade(fresh_url)
     assert drift(fresh_url) == [], REGENERATE
+
+
+def _name(url: str) -> str:
+    engine = make_engine(url)
+    try:
+        return stream_namespace(make_sessionmaker(engine))
+    finally:
+        engine.dispose()
+
+
+def test_each_database_gets_its_own_name(fresh_url, tmp_path):
+    """The name prefixes the database's job streams: one made again (same URL, ids from 1) gets another."""
+    upgrade(fresh_url)
+    first = _name(fresh_url)
+    downgrade(fresh_url)
+    upgrade(fresh_url)
+    again = _name(fresh_url)
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    upgrade(other)
+    assert len({first, again, _name(other)}) == 3 and all(len(n) == 16 for n in (first, again))
+
+
+def test_a_database_from_before_the_name_is_named_by_its_upgrade(fresh_url):
+    upgrade(fresh_url, "0001")
+    with pytest.raises(LookupError, match="unichar db upgrade"):
+        _name(fresh_url)
+    upgrade(fresh_url)
+    assert current(fresh_url) == head() and len(_name(fresh_url)) == 16

@@ -66,7 +66,8 @@ def test_killed_worker_job_is_redelivered_and_completed_once(live, spawn, redis_
     first.wait(timeout=30)
 
     spawn("echo")
-    events = [event for _id, event in follow_sync(live.ctx.redis, outcome.job_id, idle_timeout_s=120)]
+    stream = follow_sync(live.ctx.redis, live.ctx.stream_namespace, outcome.job_id, idle_timeout_s=120)
+    events = [event for _id, event in stream]
     assert isinstance(events[-1], Done)
     assert any(isinstance(e, Progress) and e.stage == "retry" for e in events)
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "echo: survive this"

@@ -16,6 +16,7 @@ from redis import Redis
 
 from core.db.session import make_engine, make_sessionmaker
 from core.media import FileStore
+from core.streams import stream_namespace
 from tests.conftest import make_settings
 from tests.doubles import EchoModel
 from workers.celery_app import app, configure, worker_argv
@@ -30,13 +31,15 @@ def main(db_url: str, broker_url: str, stream_url: str, data_dir: str, mode: str
     logging.basicConfig(level=logging.INFO, format=f"[{mode} %(process)d] %(name)s: %(message)s")
     settings = make_settings(Path(data_dir), database_url=db_url, redis_url=broker_url, worker_threads=1)
     model = EchoModel(block=threading.Event()) if mode == "block" else EchoModel()
+    sessions = make_sessionmaker(make_engine(db_url))
     install_context(
         WorkerContext(
             settings=settings,
-            sessionmaker=make_sessionmaker(make_engine(db_url)),
+            sessionmaker=sessions,
             redis=Redis.from_url(stream_url),
             store=FileStore(settings.files_dir),
             model=SharedModel(lambda: model),
+            stream_namespace=stream_namespace(sessions),
         )
     )
     configure(app, settings, broker_transport_options=VISIBILITY)

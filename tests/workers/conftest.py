@@ -7,6 +7,7 @@ import pytest
 
 from core.chat import ChatService
 from core.media import FileStore
+from core.streams import stream_namespace
 from tests.doubles import EchoModel
 from tests.factories import add_character
 from workers.context import WorkerContext
@@ -28,8 +29,9 @@ def worker_sessionmaker(sessionmaker):
 def ctx(settings, worker_sessionmaker, redis_client, model) -> WorkerContext:
     """What a worker process would hold, on this test's stores."""
     add_character(worker_sessionmaker, "Furina")
+    store, shared = FileStore(settings.files_dir), SharedModel(lambda: model)
     return WorkerContext(
-        settings, worker_sessionmaker, redis_client, FileStore(settings.files_dir), SharedModel(lambda: model)
+        settings, worker_sessionmaker, redis_client, store, shared, stream_namespace(worker_sessionmaker)
     )
 
 

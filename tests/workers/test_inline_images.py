@@ -51,7 +51,7 @@ PLAN = "<think>She would show the harbour at dusk.</think><gen>Furina waving at 
 
 
 def events(ctx, job_id: int) -> list:
-    return [e for _id, e in follow_sync(ctx.redis, job_id, idle_timeout_s=30)]
+    return [e for _id, e in follow_sync(ctx.redis, ctx.stream_namespace, job_id, idle_timeout_s=30)]
 
 
 def use(ctx, model: EchoModel) -> EchoModel:
