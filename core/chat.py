@@ -25,6 +25,7 @@ from core.imaging import check_request, lexical_ask, new_seed, sampler_params
 from core.jobs import QUEUED_BEHIND, JobKind, JobState
 from core.media import FileStore, MediaError, validate_image
 from core.queue import position
+from core.wording import counted
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -213,7 +214,7 @@ class ChatService:
                 raise _Refused(_NO_CHARACTER)
             if turn.open_jobs >= self.settings.max_open_jobs:
                 raise _Refused(
-                    f"You already have {self.settings.max_open_jobs} requests in progress; "
+                    f"You already have {counted(self.settings.max_open_jobs, 'request')} in progress; "
                     "please wait for one to finish (/status shows them)."
                 )
             if kind is JobKind.IMAGE:
@@ -273,7 +274,7 @@ class ChatService:
         if not text and not message.attachments:
             return Refusal("Your message is empty: write something (or send a picture) and I will answer.")
         if len(message.attachments) > self.settings.max_images_per_message:
-            return Refusal(f"Send at most {self.settings.max_images_per_message} pictures in one message.")
+            return Refusal(f"Send at most {counted(self.settings.max_images_per_message, 'picture')} in one message.")
         clean = []
         for attachment in message.attachments:
             try:
@@ -310,7 +311,8 @@ class ChatService:
             if conversation is None or character is None:
                 raise _Refused("This picture's conversation is gone, so I can't redraw it.")
             if repo.count_open_jobs(session, who.user.id) >= self.settings.max_open_jobs:
-                raise _Refused(f"You already have {self.settings.max_open_jobs} requests in progress; please wait.")
+                open_jobs = counted(self.settings.max_open_jobs, "request")
+                raise _Refused(f"You already have {open_jobs} in progress; please wait.")
             old = dict(job.params)
             chat = session.get(Chat, conversation.chat_id) or who.chat
             fresh = self._picture_params(session, who.user.id, chat, character, old)

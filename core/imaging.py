@@ -38,6 +38,7 @@ from core.db.models import Conversation, Job, Message, utcnow
 from core.jobs import JobKind, JobState
 from core.model.api import ImageContexts, ImageParams, ImageSegment, Segment, TextParams, TextSegment
 from core.model.roleplay import Thinking, parse_thinking, scene_image_prompt, thinking_prompt
+from core.wording import counted
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -343,12 +344,12 @@ def check_request(
     day_ago = utcnow() - dt.timedelta(days=1)
     if _images_since(session, day_ago, Job.user_id == user_id) >= settings.image_quota_user_per_day:
         return (
-            f"You have used your {settings.image_quota_user_per_day} pictures for today. "
+            f"You have used your {counted(settings.image_quota_user_per_day, 'picture')} for today. "
             "Text replies still work; try pictures again tomorrow."
         )
     chat_cap = settings.image_quota_chat_per_day
     if chat is not None and chat_cap and _images_since(session, day_ago, _of_chat(chat.id)) >= chat_cap:
-        return f"This chat has used its {chat_cap} pictures for today."
+        return f"This chat has used its {counted(chat_cap, 'picture')} for today."
     return None
 
 

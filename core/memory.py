@@ -77,6 +77,7 @@ from core.db.models import (
 from core.db.prepared import Prepared
 from core.jobs import TERMINAL_STATES, JobKind
 from core.model.api import TextSegment
+from core.wording import counted
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -772,7 +773,7 @@ def forget(session: Session, conversation: Conversation, arg: str, store: FileSt
     if arg == "all":
         for row in known:
             session.delete(row)
-        return f"Forgotten: {len(known)} facts." if known else "There was nothing to forget."
+        return f"Forgotten: {counted(len(known), 'fact')}." if known else "There was nothing to forget."
     if arg.isdigit() and 1 <= int(arg) <= len(known):
         row = known[int(arg) - 1]
         session.delete(row)
@@ -809,7 +810,7 @@ def describe_memory(session: Session, conversation: Conversation) -> str:
     if summary is not None:
         lines.append(f"The story so far: {summary.text}")
     turns = session.scalar(select(func.count()).select_from(Message).where(Message.conversation_id == conversation.id))
-    lines.append(f"{turns} messages in this conversation; /forget N, /forget all, /reset, /forget me.")
+    lines.append(f"{counted(turns or 0, 'message')} in this conversation; /forget N, /forget all, /reset, /forget me.")
     return "\n".join(lines)
 
 

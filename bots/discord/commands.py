@@ -26,6 +26,7 @@ from core.db import repositories as repo
 from core.db.models import Conversation, User
 from core.media import TRAINING_FORMATS
 from core.submissions import Actor, SubmissionError
+from core.wording import counted
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -365,7 +366,7 @@ def _queue_text(bot: UniBot, who: Actor) -> str:
         return "The review queue is empty."
     lines = []
     for item in items:
-        line = f"#{item.id} {item.name!r} by {item.submitter}: {item.state}, {item.images} images"
+        line = f"#{item.id} {item.name!r} by {item.submitter}: {item.state}, {counted(item.images, 'image')}"
         if item.total_steps:
             line += f", training {item.percent:.0f}%"
         lines.append(line + (f" ({item.reason})" if item.reason else ""))

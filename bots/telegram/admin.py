@@ -12,6 +12,7 @@ from telegram import Update
 from bots.telegram.context import BotContext, in_session
 from bots.telegram.incoming import PLATFORM
 from core.submissions import Actor, Inspection, QueueItem, SubmissionError
+from core.wording import counted
 
 __all__ = ["approve", "queue", "reject", "review"]
 
@@ -36,7 +37,8 @@ async def _reply(update: Update, text: str) -> None:
 def _line(item: QueueItem) -> str:
     progress = f", training {item.percent:.0f}%" if item.total_steps and item.step else ""
     reason = f" ({item.reason})" if item.reason else ""
-    return f"#{item.id} {item.name} [{item.state}{progress}] by {item.submitter}, {item.images} pictures{reason}"
+    pictures = counted(item.images, "picture")
+    return f"#{item.id} {item.name} [{item.state}{progress}] by {item.submitter}, {pictures}{reason}"
 
 
 def _submission_id(update: Update) -> int | None:

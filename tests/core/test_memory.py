@@ -250,7 +250,7 @@ def test_commands(sessionmaker, small) -> None:
         assert "1. I am allergic to cats" in shown and "2. My birthday is in May" in shown and "Lyon" in shown
         assert memory.forget(session, conv, "1") == "Forgotten: I am allergic to cats"
         assert "Use /forget N" in memory.forget(session, conv, "7")
-        assert memory.forget(session, conv, "all") == "Forgotten: 1 facts."
+        assert memory.forget(session, conv, "all") == "Forgotten: 1 fact."
         assert memory.forget(session, conv, "all") == "There was nothing to forget."
         assert memory.persona(session, ann, "clear") == "Your persona is cleared."
         assert "/forget me confirm" in memory.forget(session, conv, "me")

@@ -151,10 +151,10 @@ def test_a_spent_quota_refuses_the_picture_and_the_reply_still_arrives(ctx, serv
     stream, pictures = reply(ctx, service, sent, "send me another pic please")
     assert pictures == []
     [refused] = [e for e in stream if isinstance(e, ImageRefused)]
-    assert "used your 1 pictures for today" in refused.reason
+    assert "used your 1 picture for today" in refused.reason
     assert isinstance(stream[-1], Done) and any(isinstance(e, TextDelta) for e in stream)
     refusal = service.handle(incoming("/imagine a lighthouse"))
-    assert isinstance(refusal, Refusal) and "used your 1 pictures" in refusal.reason
+    assert isinstance(refusal, Refusal) and "used your 1 picture for today" in refusal.reason
 
 
 def test_nsfw_and_banned_words_are_refused_with_the_reply(ctx, service, sent):
@@ -192,7 +192,7 @@ def test_the_chat_quota_counts_every_picture_of_the_chat(ctx, service, sent):
     service.settings = ctx.settings
     assert isinstance(service.handle(incoming("/imagine a boat", user="a", chat="g", is_group=True)), JobQueued)
     refusal = service.handle(incoming("/imagine a cat", user="b", chat="g", is_group=True))
-    assert isinstance(refusal, Refusal) and "This chat has used its 1 pictures" in refusal.reason
+    assert isinstance(refusal, Refusal) and "This chat has used its 1 picture for today" in refusal.reason
     with ctx.sessionmaker() as session:
         assert session.scalar(select(Chat.id).where(Chat.platform_chat_id == "g"))
 
