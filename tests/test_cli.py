@@ -79,7 +79,7 @@ def test_a_bot_without_its_token_is_refused(
     assert "UNICHAR_TELEGRAM_TOKEN is not set" in capsys.readouterr().err
 
 
-def test_db_upgrade_then_downgrade_on_a_fresh_sqlite_file(tmp_path: Path) -> None:
+def test_db_upgrade_then_downgrade_on_a_fresh_sqlite_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     database = tmp_path / "var" / "unichar.db"
     assert cli.main(["db", "upgrade"]) == 0
     with sqlite3.connect(database) as connection:
@@ -89,6 +89,9 @@ def test_db_upgrade_then_downgrade_on_a_fresh_sqlite_file(tmp_path: Path) -> Non
     with sqlite3.connect(database) as connection:
         tables = {row[0] for row in connection.execute("select name from sqlite_master where type='table'")}
     assert "jobs" not in tables
+    for action in ("upgrade", "downgrade"):
+        assert cli.main(["db", action, "nonsense"]) == 2
+        assert "Can't locate revision identified by 'nonsense'" in capsys.readouterr().err
 
 
 def test_tokens_never_reach_the_log(capsys: pytest.CaptureFixture[str]) -> None:

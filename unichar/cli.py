@@ -153,12 +153,17 @@ def _sweeper(args: argparse.Namespace, settings: Settings) -> int:
 
 def _db(args: argparse.Namespace, settings: Settings) -> int:
     """Alembic upgrade or downgrade of the SQL store."""
+    from alembic.util import CommandError
+
     from core.db import migrate
 
-    if args.action == "upgrade":
-        migrate.upgrade(settings.sql_url, args.revision)
-    else:
-        migrate.downgrade(settings.sql_url, args.revision)
+    try:
+        if args.action == "upgrade":
+            migrate.upgrade(settings.sql_url, args.revision)
+        else:
+            migrate.downgrade(settings.sql_url, args.revision)
+    except CommandError as error:  # an unknown or unreachable revision: nothing was changed
+        raise CliError(f"db {args.action}: {error}") from None
     return 0
 
 

@@ -22,6 +22,7 @@ from core.model.api import (
     TextParams,
     TextSegment,
 )
+from unichar.arguments import at_least
 
 if TYPE_CHECKING:
     from core.config import Settings
@@ -75,6 +76,13 @@ def _size(text: str) -> tuple[int, int]:
     if width < 1 or height < 1:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
     return width, height
+
+
+def _png_file(text: str) -> Path:
+    """``--out``: the picture is written as PNG, so the name must say so."""
+    if Path(text).suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"the picture is written as PNG: name a .png file, got {text!r}")
+    return Path(text)
 
 
 def _runtime(directory: Path, device: str = "auto") -> UniCharacterRuntime:
@@ -133,7 +141,7 @@ def _inspect(args: argparse.Namespace, settings: Settings | None = None) -> int:
 
 def _generate(args: argparse.Namespace, settings: Settings | None = None) -> int:
     try:
-        out = generate(Path(args.directory), args.prompt, Path(args.out), size=args.size, steps=args.steps,
+        out = generate(Path(args.directory), args.prompt, args.out, size=args.size, steps=args.steps,
                        seed=args.seed, device=_device(settings))
     except (ValueError, FileNotFoundError) as exc:  # CheckpointError is a ValueError
         return _fail(str(exc))
@@ -166,7 +174,7 @@ def add_subparsers(subparsers: argparse._SubParsersAction) -> None:  # type: ign
     gen = actions.add_parser("generate", help="text-to-image: write one PNG")
     gen.add_argument("directory")
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--out", required=True, help="PNG file to write")
+    gen.add_argument("--out", type=_png_file, required=True, help="PNG file to write")
     gen.add_argument("--size", type=_size, default=(1024, 1024), help="WIDTHxHEIGHT (default 1024x1024)")
     gen.add_argument("--steps", type=int, default=50, help="number of timesteps (default 50)")
     gen.add_argument("--seed", type=int, default=None)
@@ -175,6 +183,6 @@ def add_subparsers(subparsers: argparse._SubParsersAction) -> None:  # type: ign
     ask_.add_argument("directory")
     ask_.add_argument("--question", required=True)
     ask_.add_argument("--image", default=None, help="image file to ask about")
-    ask_.add_argument("--max-new-tokens", type=int, default=256)
+    ask_.add_argument("--max-new-tokens", type=at_least(1), default=256)
     ask_.add_argument("--seed", type=int, default=None)
     ask_.set_defaults(handler=_ask)

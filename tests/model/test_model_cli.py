@@ -58,4 +58,10 @@ def test_bad_input_gives_a_clear_error(tiny_dir: Path, tmp_path: Path, capsys: p
     assert "missing" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _run(["model", "generate", str(tiny_dir), "--prompt", "p", "--out", "o.png", "--size", "big"])
+    with pytest.raises(SystemExit):
+        _run(["model", "generate", str(tiny_dir), "--prompt", "p", "--out", str(tmp_path / "o.jpg")])
+    assert "name a .png file" in capsys.readouterr().err and not (tmp_path / "o.jpg").exists()
+    with pytest.raises(SystemExit):
+        _run(["model", "ask", str(tiny_dir), "--question", "q", "--max-new-tokens", "0"])
+    assert "at least 1" in capsys.readouterr().err
     assert _run(["model", "init", str(tmp_path / "x")]) == 2
