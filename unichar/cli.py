@@ -31,7 +31,7 @@ _QUIET: Final = (
     "telegram.ext.ExtBot",
     "discord.gateway",
     "discord.http",
-    "alembic.runtime.plugins",
+    "alembic",  # core.db.migrate logs what a migration changed
 )
 
 

@@ -5,6 +5,8 @@ No ``alembic.ini`` is needed: the migration scripts live in the ``migrations`` f
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
@@ -18,6 +20,8 @@ __all__ = ["MIGRATIONS_DIR", "alembic_config", "upgrade", "downgrade", "current"
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
 
+log = logging.getLogger(__name__)
+
 
 def alembic_config(url: str) -> Config:
     """An Alembic config that migrates the database at ``url``."""
@@ -29,12 +33,22 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     """Bring the database at ``url`` up to ``revision`` (creating an SQLite file when needed)."""
-    command.upgrade(alembic_config(url), revision)
+    _migrate(command.upgrade, url, revision)
 
 
 def downgrade(url: str, revision: str = "base") -> None:
     """Take the database at ``url`` down to ``revision``; ``base`` drops every table."""
-    command.downgrade(alembic_config(url), revision)
+    _migrate(command.downgrade, url, revision)
+
+
+def _migrate(step: Callable[[Config, str], None], url: str, revision: str) -> None:
+    """Run one Alembic command and log one line when the revision changed (the CLI quiets Alembic's own lines,
+    which a command that only checks the schema would otherwise print every time)."""
+    before = current(url)
+    step(alembic_config(url), revision)
+    after = current(url)
+    if after != before:
+        log.info("SQL store migrated from %s to %s", before or "no schema", after or "no schema")
 
 
 def current(url: str) -> str | None:
