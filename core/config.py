@@ -37,7 +37,13 @@ class Settings(BaseSettings):
     database_url: str = Field(
         "", description="SQLAlchemy URL of the SQL store; empty means an SQLite file `<data_dir>/unichar.db`."
     )
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis: Celery broker and per-job event streams.")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description=(
+            "Redis: Celery broker and per-job event streams. Give each installation its own Redis database: the "
+            "workers of two SQL stores on one would take each other's job messages."
+        ),
+    )
     private_redis: bool = Field(
         True, description="`unichar run` starts its own redis-server under data_dir when redis_url does not answer."
     )
