@@ -46,11 +46,12 @@ from sqlalchemy.orm import Session
 
 from core.chat import ChatService, JobQueued
 from core.config import Settings
+from core.db.installation import installation_token
 from core.db.migrate import upgrade
 from core.db.models import Character, Job, User
 from core.db.session import make_engine, make_sessionmaker
 from core.jobs import Done, Failed, IncomingMessage, JobKind, JobState
-from core.streams import follow_sync, stream_namespace
+from core.streams import follow_sync
 from unichar.arguments import at_least
 from unichar.run import private_redis
 
@@ -211,13 +212,13 @@ class Client:
 
     def __init__(self, settings: Settings) -> None:
         from workers.celery_app import app, configure
-        from workers.tasks import dispatch
+        from workers.tasks import dispatcher
 
         configure(app, settings)
         self.engine = make_engine(settings.sql_url)
         sessions = make_sessionmaker(self.engine)
-        self.stream_namespace = stream_namespace(sessions)
-        self.service = ChatService(sessions, settings, dispatch)
+        self.installation = installation_token(sessions)
+        self.service = ChatService(sessions, settings, dispatcher(self.installation))
         self.redis = Redis.from_url(settings.redis_url)
 
     def message(self, user: str, n: int) -> float:
@@ -227,7 +228,7 @@ class Client:
         outcome = self.service.handle(IncomingMessage("bench", user, user, str(n), text))
         if not isinstance(outcome, JobQueued):
             raise RuntimeError(f"message refused: {outcome}")
-        for _entry, event in follow_sync(self.redis, self.stream_namespace, outcome.job_id, idle_timeout_s=60):
+        for _entry, event in follow_sync(self.redis, self.installation, outcome.job_id, idle_timeout_s=60):
             if isinstance(event, Failed):
                 raise RuntimeError(f"job {outcome.job_id} failed: {event.error}")
             if isinstance(event, Done) and event.message_id is None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, TextIO
 
 from core.chat import Answer, ChatService, JobQueued, Refusal
+from core.db.installation import installation_token
 from core.jobs import (
     Done,
     Failed,
@@ -28,7 +29,7 @@ from core.jobs import (
     TextDelta,
 )
 from core.media import FileStore
-from core.streams import follow_sync, stream_namespace
+from core.streams import follow_sync
 
 if TYPE_CHECKING:
     from redis import Redis
@@ -50,7 +51,7 @@ class ConsoleFrontend:
 
     service: ChatService
     redis: Redis
-    stream_namespace: str  # the database's installation token (core.streams)
+    installation: str  # the database's installation token (core.streams)
     store: FileStore
     image_dir: Path
     out: TextIO
@@ -103,7 +104,7 @@ class ConsoleFrontend:
         for job_id in job_ids:
             try:
                 for _entry_id, event in follow_sync(
-                    self.redis, self.stream_namespace, job_id, idle_timeout_s=self.idle_timeout_s
+                    self.redis, self.installation, job_id, idle_timeout_s=self.idle_timeout_s
                 ):
                     if isinstance(event, ImageFollows):
                         job_ids.append(event.job_id)
@@ -185,16 +186,17 @@ def run_console(settings: Settings, user: str = "local", lines: TextIO | None = 
     import redis
 
     from core.db.session import make_engine, make_sessionmaker
-    from workers.tasks import dispatch
+    from workers.tasks import dispatcher
 
     engine = make_engine(settings.sql_url)
     sessions = make_sessionmaker(engine)
+    installation = installation_token(sessions)
     client = redis.Redis.from_url(settings.redis_url)
     store = FileStore(settings.files_dir)
     frontend = ConsoleFrontend(
-        service=ChatService(sessions, settings, dispatch, store),
+        service=ChatService(sessions, settings, dispatcher(installation), store),
         redis=client,
-        stream_namespace=stream_namespace(sessions),
+        installation=installation,
         store=store,
         image_dir=settings.console_image_dir,
         out=out or sys.stdout,

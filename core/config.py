@@ -41,7 +41,7 @@ class Settings(BaseSettings):
         "redis://127.0.0.1:6379/0",
         description=(
             "Redis: Celery broker and per-job event streams. Give each installation its own Redis database: the "
-            "workers of two SQL stores on one would take each other's job messages."
+            "workers of two SQL stores on one take each other's job messages and drop them (with a warning)."
         ),
     )
     private_redis: bool = Field(

@@ -3,8 +3,8 @@
 Each job has one stream ``job:{namespace}:{id}`` (``core.jobs.stream_key``), capped in length and expiring
 ``settings.event_ttl_s`` after its last event, so that a frontend that restarts can resume from the last entry id
 it rendered. Following ends after a ``Done`` or ``Failed`` event. The namespace is the database's installation
-token (:func:`stream_namespace`): job ids start again at 1 in a new database, and its frontends must not replay
-the streams of the old one's jobs while those expire.
+token (``core.db.installation``): job ids start again at 1 in a database made again, and its frontends must not
+replay the streams of the old one's jobs while those expire.
 """
 
 from __future__ import annotations
@@ -14,20 +14,15 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from redis.exceptions import NoScriptError
-from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError
 
-from core.db.models import Installation
 from core.jobs import Done, Failed, JobEvent, decode_event, encode_event, stream_key
 
 if TYPE_CHECKING:
     from redis import Redis
     from redis.asyncio import Redis as AsyncRedis
-    from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = [
     "MAX_EVENTS",
-    "stream_namespace",
     "Follow",
     "publish",
     "publish_all",
@@ -40,22 +35,6 @@ __all__ = [
 
 MAX_EVENTS: Final = 10_000  # approximate cap; a reply streams a few hundred deltas
 _BLOCK_MS: Final = 1_000
-
-
-def stream_namespace(sessions: sessionmaker[Session]) -> str:
-    """The namespace of the database's job streams: its installation token, read once when a process starts.
-
-    LookupError when the schema predates the token (run ``unichar db upgrade``).
-    """
-    unnamed = "the SQL store has no installation row: run `unichar db upgrade`"
-    try:
-        with sessions() as session:
-            token = session.scalar(select(Installation.token))
-    except DBAPIError as error:  # no such table: created before migration 0002 and never upgraded
-        raise LookupError(unnamed) from error
-    if token is None:
-        raise LookupError(unnamed)
-    return token
 
 
 def is_final(event: JobEvent) -> bool:

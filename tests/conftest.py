@@ -231,8 +231,8 @@ class Live:
 @pytest.fixture(scope="session")
 def worker_context(tmp_path_factory: pytest.TempPathFactory, redis_url: str, request: pytest.FixtureRequest) -> Any:
     """The session worker's resources: PostgreSQL when reachable (else SQLite), the run's Redis, a tmp file store."""
+    from core.db.installation import installation_token
     from core.media import FileStore
-    from core.streams import stream_namespace
     from tests.doubles import EchoModel
     from workers.context import WorkerContext
     from workers.shared_model import SharedModel
@@ -253,7 +253,7 @@ def worker_context(tmp_path_factory: pytest.TempPathFactory, redis_url: str, req
         redis=Redis.from_url(redis_db(redis_url, STREAM_DB)),
         store=FileStore(settings.files_dir),
         model=SharedModel(lambda: model),
-        stream_namespace=stream_namespace(sessions),
+        installation=installation_token(sessions),
     )
 
 
@@ -279,11 +279,12 @@ def live(celery_worker: Any, worker_context: Any, redis_client: Redis) -> Live:
     """The job path with a running worker: empty SQL tables and streams, a fresh EchoModel."""
     from core.chat import ChatService
     from tests.doubles import EchoModel
-    from workers.tasks import dispatch
+    from workers.tasks import dispatcher
 
     reset_tables(worker_context.sessionmaker.kw["bind"])
     for path in list(worker_context.store.root.glob("*")):
         shutil.rmtree(path, ignore_errors=True)
+    dispatch = dispatcher(worker_context.installation)
     service = ChatService(worker_context.sessionmaker, worker_context.settings, dispatch, worker_context.store)
     harness = Live(worker_context, service, EchoModel(), dispatch)
     harness.use_model(harness.model)

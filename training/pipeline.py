@@ -24,12 +24,13 @@ import torch
 from PIL import Image
 from sqlalchemy import select
 
+from core.db.installation import installation_token
 from core.db.models import CharacterSubmission, Job, TrainingJob
 from core.jobs import JobState, Progress
 from core.media import FileStore
 from core.model.api import CharacterModel
 from core.model.lora import base_model_hash
-from core.streams import publish, stream_namespace
+from core.streams import publish
 from core.submissions import Submissions
 from training.annotate import Annotation, Persona, annotate, read_jsonl, write_jsonl
 from training.evaluate import EvalConfig, ViTFeatures, evaluate
@@ -150,7 +151,7 @@ def _emitter(redis: Redis | None, db: sessionmaker[Session], job_id: int, ttl_s:
     """Progress onto the job's stream, or nowhere without Redis."""
     if redis is None:
         return lambda _event: None
-    namespace = stream_namespace(db)
+    namespace = installation_token(db)
 
     def emit(event: Progress) -> None:
         publish(redis, namespace, job_id, event, ttl_s)

@@ -10,13 +10,16 @@ import argparse
 import getpass
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from core.config import Settings
+from core.db.installation import installation_token
 from core.db.session import make_engine, make_sessionmaker
 from core.jobs import JobKind
 from core.media import FileStore
 from core.submissions import Actor, QueueItem, SubmissionError, Submissions
+from core.wording import counted
 
 __all__ = ["add_subparsers", "format_item"]
 
@@ -26,14 +29,19 @@ _OPEN = ("pending", "approved", "training", "evaluated", "failed")
 _ALL = _OPEN + ("published", "rejected", "cancelled", "withdrawn")
 
 
-def _dispatch(job_id: int) -> None:
-    """Send the train task now; if the broker is unreachable the sweeper re-sends the queued job."""
-    try:
-        from workers.tasks import dispatch
+def _train_sender(installation: str) -> Callable[[int], None]:
+    """Sends a train task now; if the broker is unreachable the sweeper re-sends the queued job."""
+    from workers.tasks import dispatcher
 
-        dispatch(job_id, JobKind.TRAIN)  # the train queue: training never sits in front of a chat reply
-    except Exception as error:  # the row is queued either way
-        log.warning("could not send job %s now (%s); the sweeper will send it", job_id, error)
+    dispatch = dispatcher(installation)
+
+    def send(job_id: int) -> None:
+        try:
+            dispatch(job_id, JobKind.TRAIN)  # the train queue: training never sits in front of a chat reply
+        except Exception as error:  # the row is queued either way
+            log.warning("could not send job %s now (%s); the sweeper will send it", job_id, error)
+
+    return send
 
 
 def _eta(seconds: float | None) -> str:
@@ -52,19 +60,19 @@ def format_item(item: QueueItem) -> str:
     reason = f"  ({item.reason})" if item.reason else ""
     return (
         f"#{item.id:<5} {item.state:<10} {item.name!r:<24} by {item.submitter:<20} "
-        f"{item.images} images  {item.created_at}{progress}{reason}"
+        f"{counted(item.images, 'image')}  {item.created_at}{progress}{reason}"
     )
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     """Open the stores, do the one queue action in one transaction, print the outcome."""
-    service = Submissions(settings, FileStore(settings.files_dir), dispatch=_dispatch)
     who = Actor("cli", getpass.getuser())
     db = make_sessionmaker(make_engine(settings.sql_url))
     try:
+        service = Submissions(settings, FileStore(settings.files_dir), dispatch=_train_sender(installation_token(db)))
         with db.begin() as session:
             print(_act(args, settings, service, who, session))
-    except SubmissionError as error:
+    except (SubmissionError, LookupError) as error:
         print(f"unichar: {error}", file=sys.stderr)
         return 2
     return 0

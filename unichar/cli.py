@@ -137,15 +137,17 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def _sweeper(args: argparse.Namespace, settings: Settings) -> int:
     """Re-send jobs left queued past settings.sweep_after_s, every settings.sweep_interval_s, until SIGTERM."""
+    from core.db.installation import installation_token
     from core.db.session import make_engine, make_sessionmaker
     from workers.sweeper import run_sweeper
-    from workers.tasks import dispatch
+    from workers.tasks import dispatcher
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda _signum, _frame: stop.set())
     engine = make_engine(settings.sql_url)
     try:
-        run_sweeper(stop, make_sessionmaker(engine), settings, dispatch)
+        sessions = make_sessionmaker(engine)
+        run_sweeper(stop, sessions, settings, dispatcher(installation_token(sessions)))
     finally:
         engine.dispose()
     return 0

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 from redis import Redis
 
 from core.config import Settings, get_settings
+from core.db.installation import installation_token
 from core.db.session import make_engine, make_sessionmaker
 from core.media import FileStore
-from core.streams import stream_namespace
 from workers.shared_model import SharedModel, load_runtime
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ class WorkerContext:
     redis: Redis
     store: FileStore
     model: SharedModel
-    stream_namespace: str  # the database's, read at start (core.streams.stream_namespace)
+    installation: str  # the database's token (core.db.installation), read when the context is built
 
 
 def context_from_settings(settings: Settings, model: SharedModel | None = None) -> WorkerContext:
@@ -45,7 +45,7 @@ def context_from_settings(settings: Settings, model: SharedModel | None = None) 
         redis=Redis.from_url(settings.redis_url),
         store=FileStore(settings.files_dir),
         model=model or SharedModel(lambda: load_runtime(settings)),
-        stream_namespace=stream_namespace(sessions),
+        installation=installation_token(sessions),
     )
 
 

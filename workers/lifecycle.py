@@ -25,7 +25,16 @@ from core.db import repositories as repo
 from core.db.models import Job, utcnow
 from core.db.prepared import Prepared
 from core.db.session import reading, single_statements
-from core.jobs import TERMINAL_STATES, Done, Failed, JobEvent, JobKind, JobState, Progress, TextDelta
+from core.jobs import (
+    TERMINAL_STATES,
+    Done,
+    Failed,
+    JobEvent,
+    JobKind,
+    JobState,
+    Progress,
+    TextDelta,
+)
 from core.streams import publish_all
 
 if TYPE_CHECKING:
@@ -144,7 +153,7 @@ def _aware(moment: dt.datetime | None) -> dt.datetime | None:
 
 def emit(ctx: WorkerContext, job_id: int, *events: JobEvent) -> None:
     """Publish ``events`` on the job's stream, in one round trip."""
-    publish_all(ctx.redis, ctx.stream_namespace, job_id, events, ctx.settings.event_ttl_s)
+    publish_all(ctx.redis, ctx.installation, job_id, events, ctx.settings.event_ttl_s)
 
 
 def claim(ctx: WorkerContext, job_id: int, redelivered: bool = False) -> Claim | None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Final
 from bots.discord.bot import Services, UniBot
 from core import streams
 from core.chat import ChatService, Dispatch
+from core.db.installation import installation_token
 from core.db.session import make_engine, make_sessionmaker
 from core.jobs import JobKind
 from core.media import FileStore
@@ -40,19 +41,22 @@ def services(settings: Settings, sessions, redis: Redis, dispatch: Dispatch) -> 
         chat=ChatService(sessions, settings, dispatch, store),
         submissions=Submissions(settings, store, dispatch=lambda job_id: dispatch(job_id, JobKind.TRAIN)),
         files=store,
-        follow=streams.follower(redis, streams.stream_namespace(sessions), FOLLOW_IDLE_S),
+        follow=streams.follower(redis, installation_token(sessions), FOLLOW_IDLE_S),
     )
 
 
-async def serve(settings: Settings, dispatch: Dispatch) -> None:
+async def serve(settings: Settings) -> None:
     """Run the bot until it is closed; every resource is released on the way out."""
     from redis.asyncio import Redis
 
+    from workers.tasks import dispatcher
+
     assert settings.discord_token is not None
     engine = make_engine(settings.sql_url)
+    sessions = make_sessionmaker(engine)
     redis = Redis.from_url(settings.redis_url)
     try:
-        async with UniBot(services(settings, make_sessionmaker(engine), redis, dispatch)) as bot:
+        async with UniBot(services(settings, sessions, redis, dispatcher(installation_token(sessions)))) as bot:
             await bot.start(settings.discord_token.get_secret_value())
     finally:
         await redis.aclose()
@@ -65,10 +69,8 @@ def main(settings: Settings) -> int:
     if not token:
         log.error("UNICHAR_DISCORD_TOKEN is not set; the Discord bot cannot start")
         return 2
-    from workers.tasks import dispatch
-
     try:
-        asyncio.run(serve(settings, dispatch))
+        asyncio.run(serve(settings))
     except KeyboardInterrupt:
         pass
     return 0

@@ -38,6 +38,7 @@ from bots.telegram.renderer import TelegramRenderer, retry_seconds
 from core import streams
 from core.chat import COMMANDS, ChatService, Dispatch
 from core.config import Settings, get_settings
+from core.db.installation import installation_token
 from core.db.models import User
 from core.jobs import JobKind
 from core.media import FileStore
@@ -89,7 +90,7 @@ def build_application(
     store = store or FileStore(settings.files_dir)
     deliveries = Deliveries(
         sessions,
-        streams.follower(redis, streams.stream_namespace(sessions), settings.telegram_poll_s),
+        streams.follower(redis, installation_token(sessions), settings.telegram_poll_s),
         store,
         functools.partial(_renderer_for, application, settings),
         PLATFORM,
@@ -246,7 +247,7 @@ def main(settings: Settings | None = None) -> int:
     from core.db.session import make_engine, make_sessionmaker
     from workers.celery_app import app as celery
     from workers.celery_app import configure
-    from workers.tasks import dispatch
+    from workers.tasks import dispatcher
 
     settings = settings or get_settings()
     if settings.telegram_token is None or not settings.telegram_token.get_secret_value():
@@ -254,10 +255,11 @@ def main(settings: Settings | None = None) -> int:
         return 2
     configure(celery, settings)  # jobs go to this settings' broker, not only the environment's
     logging.getLogger("httpx").setLevel(logging.WARNING)  # its request lines carry the bot token
+    sessions = make_sessionmaker(make_engine(settings.sql_url))
     application = build_application(
         settings,
-        sessions=make_sessionmaker(make_engine(settings.sql_url)),
-        dispatch=dispatch,
+        sessions=sessions,
+        dispatch=dispatcher(installation_token(sessions)),
         redis=redis.asyncio.Redis.from_url(settings.redis_url),
     )
     application.run_polling(allowed_updates=Update.ALL_TYPES)

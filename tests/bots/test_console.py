@@ -30,7 +30,7 @@ def console(live: Any, tmp_path: Path) -> ConsoleFrontend:
     return ConsoleFrontend(
         service=live.service,
         redis=live.ctx.redis,
-        stream_namespace=live.ctx.stream_namespace,
+        installation=live.ctx.installation,
         store=live.ctx.store,
         image_dir=tmp_path / "images",
         out=io.StringIO(),
@@ -104,7 +104,7 @@ def test_queue_position_is_shown(console: ConsoleFrontend) -> None:
     """Events of a job still waiting: the console says how many are ahead, then renders the reply."""
     job_id = 987_654
     for event in (Progress(stage="queued", position=3), Progress(stage="queued", position=1), TextDelta("hi"), Done(1)):
-        publish(console.redis, console.stream_namespace, job_id, event)
+        publish(console.redis, console.installation, job_id, event)
     console.follow(JobQueued(job_id, JobKind.CHAT, position=4, character="Alice"))
     out = _output(console)
     assert out.index("[3 ahead of you in the queue]") < out.index("[2 ahead") < out.index("[0 ahead") < out.index("hi")
@@ -113,7 +113,7 @@ def test_queue_position_is_shown(console: ConsoleFrontend) -> None:
 def test_a_retried_reply_is_marked_as_starting_over(console: ConsoleFrontend) -> None:
     job_id = 987_655
     for event in (TextDelta("half a rep"), Progress(stage="retry", step=2), TextDelta("whole reply"), Done(1)):
-        publish(console.redis, console.stream_namespace, job_id, event)
+        publish(console.redis, console.installation, job_id, event)
     console.follow(JobQueued(job_id, JobKind.CHAT, position=1, character="Alice"))
     assert _output(console) == "Alice: half a rep\n[a worker stopped mid-reply; it starts over]\nwhole reply\n"
 
@@ -121,7 +121,7 @@ def test_a_retried_reply_is_marked_as_starting_over(console: ConsoleFrontend) ->
 def test_a_database_made_again_does_not_replay_the_old_ones_streams(console: ConsoleFrontend) -> None:
     """Job ids restart at 1 in a new database while the old one's streams live on in Redis for an hour."""
     old = "0ld0ld0ld0ld0ld0"
-    assert console.stream_namespace != old
+    assert console.installation != old
     for job_id in (1, 2, 3):
         publish(console.redis, old, job_id, TextDelta("an old reply"))
         publish(console.redis, old, job_id, ImageReady(key="f" * 64 + ".png", width=32, height=32, seed=1))
@@ -136,7 +136,7 @@ def test_a_picture_gone_from_the_store_is_reported(console: ConsoleFrontend, tmp
     job_id = 987_656
     gone = ImageReady(key="e" * 64 + ".png", width=32, height=32, seed=1)
     for event in (Progress(stage="image", step=2, total=2), gone, Done(message_id=None)):
-        publish(console.redis, console.stream_namespace, job_id, event)
+        publish(console.redis, console.installation, job_id, event)
     console.follow(JobQueued(job_id, JobKind.IMAGE, position=1, character="Alice"))
     assert f"! The picture of request #{job_id} is no longer stored." in _output(console)
     assert not list((tmp_path / "images").glob("*"))  # no empty file left where the picture would be

@@ -19,7 +19,7 @@ def console(live: Any, tmp_path: Path, policy: str) -> ConsoleFrontend:
     with live.sessionmaker.begin() as session:
         session.add(Character(name="Alice", description="A cheerful sailor.", image_policy=policy))
     return ConsoleFrontend(
-        service=live.service, redis=live.ctx.redis, stream_namespace=live.ctx.stream_namespace, store=live.ctx.store,
+        service=live.service, redis=live.ctx.redis, installation=live.ctx.installation, store=live.ctx.store,
         image_dir=tmp_path / "images",
         out=io.StringIO(), idle_timeout_s=60,
     )

@@ -40,7 +40,7 @@ def _service(tmp_path: Path) -> ChatService:
 def _telegram_commands(tmp_path: Path) -> set[str]:
     settings = make_settings(tmp_path, telegram_token="123:fake")
     engine = make_engine(f"sqlite:///{tmp_path / 'tg.db'}")
-    Base.metadata.create_all(engine)  # building reads the database's name (core.streams.stream_namespace)
+    Base.metadata.create_all(engine)  # building reads the database's installation token
     sessions = make_sessionmaker(engine)
     no_redis: Any = None  # and talks to nothing else
     application = build_application(settings, sessions=sessions, dispatch=lambda _job, _kind: None, redis=no_redis)
@@ -72,7 +72,7 @@ def test_the_console_help_adds_its_own_commands(tmp_path: Path) -> None:
     out = io.StringIO()
     no_redis: Any = None  # /help is answered without a job to follow
     console = ConsoleFrontend(
-        service, redis=no_redis, stream_namespace="", store=service.store, image_dir=tmp_path, out=out
+        service, redis=no_redis, installation="", store=service.store, image_dir=tmp_path, out=out
     )
     console.send("/help")
     listed = _named(out.getvalue())

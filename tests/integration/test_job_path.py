@@ -40,7 +40,7 @@ pytestmark = pytest.mark.integration
 
 def events_of(live, job_id: int) -> list:
     """Every event of the job until Done/Failed (a minute without events fails the test)."""
-    return [event for _id, event in follow_sync(live.ctx.redis, live.ctx.stream_namespace, job_id, idle_timeout_s=60)]
+    return [event for _id, event in follow_sync(live.ctx.redis, live.ctx.installation, job_id, idle_timeout_s=60)]
 
 
 def stored(live, job_id: int) -> tuple[Job, list[Message]]:
@@ -98,7 +98,7 @@ def test_the_async_follower_reads_the_same_stream(live, redis_url):
     async def read() -> list:
         client = AsyncRedis.from_url(redis_db(redis_url, STREAM_DB))
         try:
-            events = follow(client, live.ctx.stream_namespace, outcome.job_id, idle_timeout_s=60)
+            events = follow(client, live.ctx.installation, outcome.job_id, idle_timeout_s=60)
             return [event async for _id, event in events]
         finally:
             await client.aclose()

@@ -7,10 +7,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
+from core.db.installation import installation_token
 from core.db.migrate import current, downgrade, head, upgrade
 from core.db.models import Base
 from core.db.session import make_engine, make_sessionmaker
-from core.streams import stream_namespace
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +65,7 @@ def test_the_migrations_match_the_models(fresh_url):
 def _name(url: str) -> str:
     engine = make_engine(url)
     try:
-        return stream_namespace(make_sessionmaker(engine))
+        return installation_token(make_sessionmaker(engine))
     finally:
         engine.dispose()
 

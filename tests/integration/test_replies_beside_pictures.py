@@ -45,7 +45,7 @@ def test_a_reply_is_answered_while_pictures_fill_the_other_threads(live):
         wait_for(lambda: started() >= THREADS - 1, "the pictures to fill all threads but one")
 
         reply = live.service.handle(incoming("are you there?", user="talker", chat="talker"))
-        stream = follow_sync(live.ctx.redis, live.ctx.stream_namespace, reply.job_id, idle_timeout_s=20)
+        stream = follow_sync(live.ctx.redis, live.ctx.installation, reply.job_id, idle_timeout_s=20)
         events = [event for _id, event in stream]
         assert isinstance(events[-1], Done)  # answered while every picture still waits
 

@@ -20,6 +20,7 @@ from tests.conftest import SCRATCH_DB, STREAM_DB, make_settings, redis_db
 from tests.factories import add_character, incoming
 from tests.integration.test_job_path import wait_for
 from workers.celery_app import create_app
+from workers.tasks import INSTALLATION_HEADER
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +53,10 @@ def spawn(live, redis_url: str, tmp_path: Path) -> Iterator:
 def test_killed_worker_job_is_redelivered_and_completed_once(live, spawn, redis_url, tmp_path):
     add_character(live.sessionmaker)
     sender = create_app(make_settings(tmp_path / "sender", redis_url=redis_db(redis_url, SCRATCH_DB)))
-    live.service.dispatch = lambda job_id, _kind: sender.send_task("unichar.run_job", (job_id,), queue="chat")
+    headers = {INSTALLATION_HEADER: live.ctx.installation}
+    live.service.dispatch = lambda job_id, _kind: sender.send_task(
+        "unichar.run_job", (job_id,), queue="chat", headers=headers
+    )
     outcome = live.service.handle(incoming("survive this"))
 
     first = spawn("block")
@@ -66,7 +70,7 @@ def test_killed_worker_job_is_redelivered_and_completed_once(live, spawn, redis_
     first.wait(timeout=30)
 
     spawn("echo")
-    stream = follow_sync(live.ctx.redis, live.ctx.stream_namespace, outcome.job_id, idle_timeout_s=120)
+    stream = follow_sync(live.ctx.redis, live.ctx.installation, outcome.job_id, idle_timeout_s=120)
     events = [event for _id, event in stream]
     assert isinstance(events[-1], Done)
     assert any(isinstance(e, Progress) and e.stage == "retry" for e in events)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from redis import Redis
 
+from core.db.installation import installation_token
 from core.db.session import make_engine, make_sessionmaker
 from core.media import FileStore
-from core.streams import stream_namespace
 from tests.conftest import make_settings
 from tests.doubles import EchoModel
 from workers.celery_app import app, configure, worker_argv
@@ -39,7 +39,7 @@ def main(db_url: str, broker_url: str, stream_url: str, data_dir: str, mode: str
             redis=Redis.from_url(stream_url),
             store=FileStore(settings.files_dir),
             model=SharedModel(lambda: model),
-            stream_namespace=stream_namespace(sessions),
+            installation=installation_token(sessions),
         )
     )
     configure(app, settings, broker_transport_options=VISIBILITY)

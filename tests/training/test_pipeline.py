@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
+from core.db.installation import installation_token
 from core.db.models import Character, CharacterSubmission, Job, TrainingJob
 from core.jobs import JobState, decode_event, stream_key
 from core.model.api import ImageContexts, ImageParams, TextParams, TextSegment
 from core.model.lora import read_meta
 from core.model.runtime import UniCharacterRuntime
-from core.streams import stream_namespace
 from core.submissions import Actor, State
 from tests.doubles import EchoModel
 from training.annotate import read_jsonl
@@ -86,7 +86,7 @@ def test_crash_resumes_from_last_checkpoint(stack, ichihime, redis_client):
 
     with pytest.raises(RuntimeError, match="worker died"):
         train(stack, job_id, EchoModel(), check=crash_at_step_3, redis=redis_client)
-    stream = stream_key(stream_namespace(db), job_id)
+    stream = stream_key(installation_token(db), job_id)
     events = [decode_event(fields) for _, fields in redis_client.xrange(stream)]
     assert [(e.stage, e.step) for e in events if e.stage == "train"] == [("train", 1), ("train", 2), ("train", 3)]
     with db.begin() as s:

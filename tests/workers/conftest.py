@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from core.chat import ChatService
+from core.db.installation import installation_token
 from core.media import FileStore
-from core.streams import stream_namespace
 from tests.doubles import EchoModel
 from tests.factories import add_character
 from workers.context import WorkerContext
@@ -31,7 +31,7 @@ def ctx(settings, worker_sessionmaker, redis_client, model) -> WorkerContext:
     add_character(worker_sessionmaker, "Furina")
     store, shared = FileStore(settings.files_dir), SharedModel(lambda: model)
     return WorkerContext(
-        settings, worker_sessionmaker, redis_client, store, shared, stream_namespace(worker_sessionmaker)
+        settings, worker_sessionmaker, redis_client, store, shared, installation_token(worker_sessionmaker)
     )
 
 

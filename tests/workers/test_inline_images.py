@@ -9,8 +9,25 @@ from sqlalchemy import select, update
 
 from core.chat import JobQueued, Refusal
 from core.db.models import Character, Chat, Job, Message
-from core.jobs import Done, Failed, ImageFollows, ImageReady, ImageRefused, JobKind, JobState, TextDelta
-from core.model.api import ImageContexts, ImageParams, OnProgress, OnText, Segment, TextParams, TextSegment
+from core.jobs import (
+    Done,
+    Failed,
+    ImageFollows,
+    ImageReady,
+    ImageRefused,
+    JobKind,
+    JobState,
+    TextDelta,
+)
+from core.model.api import (
+    ImageContexts,
+    ImageParams,
+    OnProgress,
+    OnText,
+    Segment,
+    TextParams,
+    TextSegment,
+)
 from core.model.roleplay import THINK_INSTRUCTION
 from core.streams import follow_sync
 from tests.doubles import EchoModel, ModelFailure
@@ -51,7 +68,7 @@ PLAN = "<think>She would show the harbour at dusk.</think><gen>Furina waving at 
 
 
 def events(ctx, job_id: int) -> list:
-    return [e for _id, e in follow_sync(ctx.redis, ctx.stream_namespace, job_id, idle_timeout_s=30)]
+    return [e for _id, e in follow_sync(ctx.redis, ctx.installation, job_id, idle_timeout_s=30)]
 
 
 def use(ctx, model: EchoModel) -> EchoModel:

@@ -9,7 +9,16 @@ import pytest
 from sqlalchemy import func, select, update
 
 from core.db.models import Job, Memory, Message
-from core.jobs import Done, Failed, JobKind, JobState, Progress, TextDelta, decode_event, stream_key
+from core.jobs import (
+    Done,
+    Failed,
+    JobKind,
+    JobState,
+    Progress,
+    TextDelta,
+    decode_event,
+    stream_key,
+)
 from core.streams import follow_sync
 from tests.doubles import EchoModel
 from tests.factories import incoming
@@ -39,7 +48,7 @@ def replies(ctx) -> int:
 
 
 def events(ctx, job_id: int) -> list:
-    return [e for _id, e in follow_sync(ctx.redis, ctx.stream_namespace, job_id, idle_timeout_s=5)]
+    return [e for _id, e in follow_sync(ctx.redis, ctx.installation, job_id, idle_timeout_s=5)]
 
 
 def set_job(ctx, job_id: int, **values) -> None:
@@ -52,13 +61,13 @@ def test_text_pieces_close_together_share_a_stream_entry(ctx):
     deltas = lifecycle.Deltas(ctx, 77, clock=lambda: now[0])
     deltas.add("a")  # the first piece goes out at once: the reply starts as soon as the model's does
     deltas.add("b")  # within the interval: gathered, nothing more sent yet
-    sent = [decode_event(fields) for _id, fields in ctx.redis.xrange(stream_key(ctx.stream_namespace, 77))]
+    sent = [decode_event(fields) for _id, fields in ctx.redis.xrange(stream_key(ctx.installation, 77))]
     assert sent == [TextDelta("a")]
     now[0] = lifecycle.DELTA_INTERVAL_S
     deltas.add("c")  # the interval passed: everything gathered goes out as one entry
     now[0] += lifecycle.DELTA_INTERVAL_S / 2
     deltas.add("d")
-    sent = [decode_event(fields) for _id, fields in ctx.redis.xrange(stream_key(ctx.stream_namespace, 77))]
+    sent = [decode_event(fields) for _id, fields in ctx.redis.xrange(stream_key(ctx.installation, 77))]
     assert sent == [TextDelta("a"), TextDelta("bc")]
     assert deltas.rest() == [TextDelta("d")] and deltas.rest() == []  # the rest goes out with Done
 
@@ -76,7 +85,7 @@ def test_a_done_job_delivered_again_does_nothing(ctx, service, model):
     execute(ctx, job_id)
     execute(ctx, job_id, redelivered=True)
     assert (job_row(ctx, job_id).attempts, replies(ctx), len(model.calls)) == (1, 1, 1)
-    assert ctx.redis.xlen(stream_key(ctx.stream_namespace, job_id)) == len(events(ctx, job_id))
+    assert ctx.redis.xlen(stream_key(ctx.installation, job_id)) == len(events(ctx, job_id))
 
 
 def test_a_running_job_is_left_alone_unless_redelivered(ctx, service, model):
@@ -162,7 +171,7 @@ def test_events_stream_the_reply_then_done(ctx, service):
     assert not any(isinstance(e, Progress) for e in stream)  # nothing was ahead: no queue line to replace
     assert "".join(e.text for e in stream if isinstance(e, TextDelta)) == "echo: stream me"
     assert isinstance(stream[-1], Done) and stream[-1].message_id == job_row(ctx, job_id).reply_message_id
-    assert 0 < ctx.redis.ttl(stream_key(ctx.stream_namespace, job_id)) <= ctx.settings.event_ttl_s
+    assert 0 < ctx.redis.ttl(stream_key(ctx.installation, job_id)) <= ctx.settings.event_ttl_s
 
 
 def test_a_reply_that_waited_behind_others_says_when_it_starts(ctx, service):

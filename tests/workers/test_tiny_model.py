@@ -26,7 +26,7 @@ def tiny(ctx, tiny_model_dir):
 
 
 def events(ctx, job_id: int) -> list:
-    return [e for _id, e in follow_sync(ctx.redis, ctx.stream_namespace, job_id, idle_timeout_s=60)]
+    return [e for _id, e in follow_sync(ctx.redis, ctx.installation, job_id, idle_timeout_s=60)]
 
 
 def test_a_reply_from_the_tiny_model(tiny, service):

@@ -1,0 +1,34 @@
+"""The token that names a database (``core.db.models.Installation``), read once when a process starts.
+
+Every Redis key that depends on row ids carries it: the job event streams (``core.streams``) and the header of
+each job message (``workers.tasks``). Job ids start again at 1 in a database made again, and two installations may
+share one Redis by mistake; with the token, neither reads the other's streams nor runs the other's jobs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
+
+from core.db.models import Installation
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+__all__ = ["installation_token"]
+
+_UNNAMED = "the SQL store has no installation row: run `unichar db upgrade`"
+
+
+def installation_token(sessions: sessionmaker[Session]) -> str:
+    """The database's token; LookupError when its schema predates the token."""
+    try:
+        with sessions() as session:
+            token = session.scalar(select(Installation.token))
+    except DBAPIError as error:  # no such table: created before migration 0002 and never upgraded
+        raise LookupError(_UNNAMED) from error
+    if token is None:
+        raise LookupError(_UNNAMED)
+    return token
