@@ -139,6 +139,8 @@ def test_chat_without_redis_or_schema_says_what_to_do(
     capsys.readouterr()
     assert cli.main(["chat"]) == 2
     assert f"schema is at 0001, not {head()}: run `unichar db upgrade`" in capsys.readouterr().err
+    assert cli.main(["admin", "queue", "list"]) == 2  # a command that reads the database's token
+    assert "no installation row: run `unichar db upgrade`" in capsys.readouterr().err
 
 
 def test_database_and_redis_passwords_are_masked_too(capsys: pytest.CaptureFixture[str]) -> None:

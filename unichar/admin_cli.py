@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from core.config import Settings
-from core.db.installation import installation_token
+from core.db.installation import SchemaNotReady, installation_token
 from core.db.session import make_engine, make_sessionmaker
 from core.jobs import JobKind
 from core.media import FileStore
@@ -72,7 +72,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         service = Submissions(settings, FileStore(settings.files_dir), dispatch=_train_sender(installation_token(db)))
         with db.begin() as session:
             print(_act(args, settings, service, who, session))
-    except (SubmissionError, LookupError) as error:
+    except (SubmissionError, SchemaNotReady) as error:
         print(f"unichar: {error}", file=sys.stderr)
         return 2
     return 0

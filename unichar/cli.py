@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from core.config import Settings
+from core.db.installation import SchemaNotReady
 from core.jobs import QUEUE_OF_KIND
 from unichar.arguments import at_least
 
@@ -251,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         configure_logging(settings)
         return args.handler(args, settings)
-    except CliError as error:
+    except (CliError, SchemaNotReady) as error:
         print(f"unichar: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

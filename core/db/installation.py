@@ -17,18 +17,23 @@ from core.db.models import Installation
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
-__all__ = ["installation_token"]
+__all__ = ["SchemaNotReady", "installation_token"]
 
-_UNNAMED = "the SQL store has no installation row: run `unichar db upgrade`"
+
+class SchemaNotReady(RuntimeError):
+    """The database has no token: its schema was never created, or predates migration 0002."""
+
+    def __init__(self) -> None:
+        super().__init__("the SQL store has no installation row: run `unichar db upgrade`")
 
 
 def installation_token(sessions: sessionmaker[Session]) -> str:
-    """The database's token; LookupError when its schema predates the token."""
+    """The database's token; SchemaNotReady when there is none."""
     try:
         with sessions() as session:
             token = session.scalar(select(Installation.token))
-    except DBAPIError as error:  # no such table: created before migration 0002 and never upgraded
-        raise LookupError(_UNNAMED) from error
+    except DBAPIError as error:  # no such table
+        raise SchemaNotReady() from error
     if token is None:
-        raise LookupError(_UNNAMED)
+        raise SchemaNotReady()
     return token

@@ -7,7 +7,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from core.db.installation import installation_token
+from core.db.installation import SchemaNotReady, installation_token
 from core.db.migrate import current, downgrade, head, upgrade
 from core.db.models import Base
 from core.db.session import make_engine, make_sessionmaker
@@ -84,7 +84,7 @@ def test_each_database_gets_its_own_name(fresh_url, tmp_path):
 
 def test_a_database_from_before_the_name_is_named_by_its_upgrade(fresh_url):
     upgrade(fresh_url, "0001")
-    with pytest.raises(LookupError, match="unichar db upgrade"):
+    with pytest.raises(SchemaNotReady, match="unichar db upgrade"):
         _name(fresh_url)
     upgrade(fresh_url)
     assert current(fresh_url) == head() and len(_name(fresh_url)) == 16
