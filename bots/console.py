@@ -51,7 +51,7 @@ class ConsoleFrontend:
 
     service: ChatService
     redis: Redis
-    installation: str  # the database's installation token (core.streams)
+    installation: str  # the database's token (core.db.installation), naming its job streams
     store: FileStore
     image_dir: Path
     out: TextIO

@@ -25,16 +25,7 @@ from core.db import repositories as repo
 from core.db.models import Job, utcnow
 from core.db.prepared import Prepared
 from core.db.session import reading, single_statements
-from core.jobs import (
-    TERMINAL_STATES,
-    Done,
-    Failed,
-    JobEvent,
-    JobKind,
-    JobState,
-    Progress,
-    TextDelta,
-)
+from core.jobs import TERMINAL_STATES, Done, Failed, JobEvent, JobKind, JobState, Progress, TextDelta
 from core.streams import publish_all
 
 if TYPE_CHECKING:

@@ -409,8 +409,8 @@ class Notification(Base):
 class Installation(Base):
     """The one row that names this database: a random token drawn when its tables were created.
 
-    Redis keys built from row ids (the job event streams, ``core.streams``) carry it, so a database created again
-    with the same ids never reads the streams the previous one left behind while they expire.
+    What goes through Redis by row id carries it (``core.db.installation``): a database created again, with the
+    same ids, never reads the streams the previous one left behind, nor runs its job messages.
     """
 
     __tablename__ = "installation"

@@ -9,25 +9,8 @@ from sqlalchemy import select, update
 
 from core.chat import JobQueued, Refusal
 from core.db.models import Character, Chat, Job, Message
-from core.jobs import (
-    Done,
-    Failed,
-    ImageFollows,
-    ImageReady,
-    ImageRefused,
-    JobKind,
-    JobState,
-    TextDelta,
-)
-from core.model.api import (
-    ImageContexts,
-    ImageParams,
-    OnProgress,
-    OnText,
-    Segment,
-    TextParams,
-    TextSegment,
-)
+from core.jobs import Done, Failed, ImageFollows, ImageReady, ImageRefused, JobKind, JobState, TextDelta
+from core.model.api import ImageContexts, ImageParams, OnProgress, OnText, Segment, TextParams, TextSegment
 from core.model.roleplay import THINK_INSTRUCTION
 from core.streams import follow_sync
 from tests.doubles import EchoModel, ModelFailure

@@ -9,16 +9,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from core.db.models import Job, Memory, Message
-from core.jobs import (
-    Done,
-    Failed,
-    JobKind,
-    JobState,
-    Progress,
-    TextDelta,
-    decode_event,
-    stream_key,
-)
+from core.jobs import Done, Failed, JobKind, JobState, Progress, TextDelta, decode_event, stream_key
 from core.streams import follow_sync
 from tests.doubles import EchoModel
 from tests.factories import incoming
