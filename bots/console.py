@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TextIO
 
+from bots.render import format_eta
 from core.chat import Answer, ChatService, JobQueued, Refusal
 from core.db.installation import installation_token
 from core.jobs import (
@@ -155,7 +156,7 @@ class ConsoleFrontend:
         _, started, first_step = self._stage_start
         if eta is None and event.step > first_step:
             eta = (now - started) / (event.step - first_step) * (event.total - event.step)
-        return f", about {eta:.0f} s left" if eta is not None and event.step < event.total else ""
+        return f", about {format_eta(eta)} left" if eta is not None and event.step < event.total else ""
 
     def _show_image(self, job_id: int, event: ImageReady) -> None:
         """Copy the image out of the file store into the console's image folder and say where it is."""

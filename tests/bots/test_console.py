@@ -110,6 +110,20 @@ def test_queue_position_is_shown(console: ConsoleFrontend) -> None:
     assert out.index("[3 ahead of you in the queue]") < out.index("[2 ahead") < out.index("[0 ahead") < out.index("hi")
 
 
+def test_the_time_left_reads_as_the_bots_say_it(console: ConsoleFrontend) -> None:
+    job_id = 987_657
+    events = (
+        Progress(stage="image", step=1, total=10, eta_s=600),
+        Progress(stage="image", step=9, total=10, eta_s=2),
+        Done(message_id=None),
+    )
+    for event in events:
+        publish(console.redis, console.installation, job_id, event)
+    console.follow(JobQueued(job_id, JobKind.IMAGE, position=1, character="Alice"))
+    out = _output(console)
+    assert "[image 10%, about 10 min left]" in out and "[image 90%, about a few seconds left]" in out
+
+
 def test_a_retried_reply_is_marked_as_starting_over(console: ConsoleFrontend) -> None:
     job_id = 987_655
     for event in (TextDelta("half a rep"), Progress(stage="retry", step=2), TextDelta("whole reply"), Done(1)):
