@@ -24,20 +24,17 @@ import torch
 from PIL import Image
 from sqlalchemy import select
 
-from core.db.installation import installation_token
 from core.db.models import CharacterSubmission, Job, TrainingJob
 from core.jobs import JobState, Progress
 from core.media import FileStore
 from core.model.api import CharacterModel
 from core.model.lora import base_model_hash
-from core.streams import publish
 from core.submissions import Submissions
 from training.annotate import Annotation, Persona, annotate, read_jsonl, write_jsonl
 from training.evaluate import EvalConfig, ViTFeatures, evaluate
 from training.sft import SFTConfig, StepReport, pick_device, run_sft
 
 if TYPE_CHECKING:
-    from redis import Redis
     from sqlalchemy.orm import Session, sessionmaker
 
     from core.config import Settings
@@ -116,20 +113,23 @@ def run_training(
     settings: Settings,
     sessionmaker: sessionmaker[Session],
     store: FileStore,
-    redis: Redis | None = None,
+    progress: Callable[[Progress], None] | None = None,
     load_model: Callable[[], CharacterModel] | None = None,
     check: Callable[[], None] | None = None,
     sft_overrides: dict | None = None,
     eval_config: EvalConfig | None = None,
     caption_tokens: int = 64,
 ) -> dict:
-    """Annotate, train, evaluate and store one character's adapter; returns the Job's result dict."""
+    """Annotate, train, evaluate and store one character's adapter; returns the Job's result dict.
+
+    ``progress`` gets each stage's progress (a worker publishes it on the job's event stream).
+    """
     db = sessionmaker
     service = Submissions(settings, store)
     check = check or _job_check(db, job_id)
     load_model = load_model or (lambda: load_base_model(settings))
     work = _begin(db, service, job_id)
-    emit = _emitter(redis, db, job_id, settings.event_ttl_s)
+    emit = progress or (lambda _event: None)
     try:
         return _run(job_id, work, settings, db, service, store, emit, load_model, check, sft_overrides or {},
                     eval_config or EvalConfig(), caption_tokens)
@@ -145,18 +145,6 @@ def run_training(
         with db.begin() as session:
             service.training_failed(session, work.submission_id, f"{type(error).__name__}: {error}")
         raise
-
-
-def _emitter(redis: Redis | None, db: sessionmaker[Session], job_id: int, ttl_s: int) -> Callable[[Progress], None]:
-    """Progress onto the job's stream, or nowhere without Redis."""
-    if redis is None:
-        return lambda _event: None
-    namespace = installation_token(db)
-
-    def emit(event: Progress) -> None:
-        publish(redis, namespace, job_id, event, ttl_s)
-
-    return emit
 
 
 def _images(store: FileStore, keys: tuple[str, ...]) -> dict[str, Image.Image]:

@@ -7,9 +7,10 @@ chat jobs stops training the same way: on cancel, on a takeover, or past ``setti
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
-from workers.lifecycle import Claim, Watch, complete
+from workers.lifecycle import Claim, Watch, complete, emit
 
 if TYPE_CHECKING:
     from workers.context import WorkerContext
@@ -28,7 +29,7 @@ def run_train(ctx: WorkerContext, claim: Claim) -> list[FollowUp]:
         settings=ctx.settings,
         sessionmaker=ctx.sessionmaker,
         store=ctx.store,
-        redis=ctx.redis,
+        progress=functools.partial(emit, ctx, claim.job_id),  # onto the job's event stream
         load_model=ctx.model.get,
         check=watch.check,
     )

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from core.db.installation import installation_token
 from core.db.models import Character, CharacterSubmission, Job, TrainingJob
-from core.jobs import JobState, decode_event, stream_key
+from core.jobs import JobState
 from core.model.api import ImageContexts, ImageParams, TextParams, TextSegment
 from core.model.lora import read_meta
 from core.model.runtime import UniCharacterRuntime
@@ -75,7 +74,7 @@ def test_submission_to_published_adapter_in_chat(stack, ichihime):
     assert not np.array_equal(np.asarray(tuned), np.asarray(base))  # the adapter is really applied
 
 
-def test_crash_resumes_from_last_checkpoint(stack, ichihime, redis_client):
+def test_crash_resumes_from_last_checkpoint(stack, ichihime):
     settings, db, store, service = stack
     job_id = approved(stack, ichihime)
 
@@ -84,10 +83,9 @@ def test_crash_resumes_from_last_checkpoint(stack, ichihime, redis_client):
             if s.scalars(select(TrainingJob.step)).one() >= 3:
                 raise RuntimeError("worker died")
 
+    events: list = []
     with pytest.raises(RuntimeError, match="worker died"):
-        train(stack, job_id, EchoModel(), check=crash_at_step_3, redis=redis_client)
-    stream = stream_key(installation_token(db), job_id)
-    events = [decode_event(fields) for _, fields in redis_client.xrange(stream)]
+        train(stack, job_id, EchoModel(), check=crash_at_step_3, progress=events.append)
     assert [(e.stage, e.step) for e in events if e.stage == "train"] == [("train", 1), ("train", 2), ("train", 3)]
     with db.begin() as s:
         submission = s.scalars(select(CharacterSubmission)).one()

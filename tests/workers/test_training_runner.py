@@ -6,7 +6,7 @@ import pytest
 
 from core.db import repositories as repo
 from core.db.models import Job
-from core.jobs import JobKind, JobState
+from core.jobs import JobKind, JobState, Progress, decode_event, stream_key
 from workers.tasks import execute
 
 
@@ -22,6 +22,7 @@ def test_the_pipeline_result_completes_the_job(ctx, train_job, monkeypatch):
     def run_training(job_id, **kwargs):
         calls.append((job_id, kwargs))
         kwargs["check"]()  # the worker's watch: the job is running and ours
+        kwargs["progress"](Progress("train", step=1, total=2))
         return {"adapter_key": "a" * 64}
 
     monkeypatch.setattr("training.pipeline.run_training", run_training)
@@ -31,6 +32,8 @@ def test_the_pipeline_result_completes_the_job(ctx, train_job, monkeypatch):
     with ctx.sessionmaker() as session:
         job = session.get(Job, train_job)
     assert job.state is JobState.DONE and job.result == {"adapter_key": "a" * 64} and job.reply_message_id is None
+    sent = [decode_event(fields) for _id, fields in ctx.redis.xrange(stream_key(ctx.installation, train_job))]
+    assert sent[0] == Progress("train", step=1, total=2)  # the pipeline's progress, on the job's stream
 
 
 def test_a_pipeline_failure_fails_the_job(ctx, train_job, monkeypatch):
