@@ -194,7 +194,7 @@ def run_users_in_process(settings: Settings, watch: Callable[[Engine], None] = l
     try:
         run_users(ChatService(context.sessionmaker, settings, send), drain)
     finally:
-        context.sessionmaker.kw["bind"].dispose()
+        engine.dispose()
         context.redis.close()
 
 

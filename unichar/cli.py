@@ -114,11 +114,11 @@ def _chat(args: argparse.Namespace, settings: Settings) -> int:
 
     if not redis_answers(settings.redis_url):
         raise CliError("Redis does not answer at UNICHAR_REDIS_URL: start `unichar run` (it starts one) or set the URL")
-    at = current(settings.sql_url)
+    at, latest = current(settings.sql_url), head()
     if at is None:
         raise CliError("the SQL store has no schema yet: run `unichar db upgrade` (or `unichar run`) first")
-    if at != head():
-        raise CliError(f"the SQL store's schema is at {at}, not {head()}: run `unichar db upgrade` (or `unichar run`)")
+    if at != latest:
+        raise CliError(f"the SQL store's schema is at {at}, not {latest}: run `unichar db upgrade` (or `unichar run`)")
     return run_console(settings, user=args.user)
 
 

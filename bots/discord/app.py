@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 FOLLOW_IDLE_S: Final = 5.0  # a quiet stream makes the delivery read the job row (queue position, stored reply)
 
 
-def services(settings: Settings, sessions, redis: Redis, dispatch: Dispatch) -> Services:  # type: ignore[no-untyped-def]
-    """The bot's collaborators, built from the settings."""
+def services(settings: Settings, sessions, installation: str, redis: Redis, dispatch: Dispatch) -> Services:  # type: ignore[no-untyped-def]
+    """The bot's collaborators, built from the settings; ``installation`` is the database's token."""
     store = FileStore(settings.files_dir)
     return Services(
         settings=settings,
@@ -41,7 +41,7 @@ def services(settings: Settings, sessions, redis: Redis, dispatch: Dispatch) -> 
         chat=ChatService(sessions, settings, dispatch, store),
         submissions=Submissions(settings, store, dispatch=lambda job_id: dispatch(job_id, JobKind.TRAIN)),
         files=store,
-        follow=streams.follower(redis, installation_token(sessions), FOLLOW_IDLE_S),
+        follow=streams.follower(redis, installation, FOLLOW_IDLE_S),
     )
 
 
@@ -56,7 +56,8 @@ async def serve(settings: Settings) -> None:
     sessions = make_sessionmaker(engine)
     redis = Redis.from_url(settings.redis_url)
     try:
-        async with UniBot(services(settings, sessions, redis, dispatcher(installation_token(sessions)))) as bot:
+        installation = installation_token(sessions)
+        async with UniBot(services(settings, sessions, installation, redis, dispatcher(installation))) as bot:
             await bot.start(settings.discord_token.get_secret_value())
     finally:
         await redis.aclose()

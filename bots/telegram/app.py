@@ -67,11 +67,15 @@ def build_application(
     settings: Settings,
     *,
     sessions: sessionmaker[Session],
+    installation: str,
     dispatch: Dispatch,
     redis: Redis,
     store: FileStore | None = None,
 ) -> Application[Any, BotContext, Any, Any, Any, Any]:
-    """The configured Application with every handler; ``run_polling`` (or a test) drives it."""
+    """The configured Application with every handler; ``run_polling`` (or a test) drives it.
+
+    ``installation`` is the database's token (``core.db.installation``), which names its job streams.
+    """
     if settings.telegram_token is None or not settings.telegram_token.get_secret_value():
         raise ValueError("UNICHAR_TELEGRAM_TOKEN is not set")
     builder = (
@@ -90,7 +94,7 @@ def build_application(
     store = store or FileStore(settings.files_dir)
     deliveries = Deliveries(
         sessions,
-        streams.follower(redis, installation_token(sessions), settings.telegram_poll_s),
+        streams.follower(redis, installation, settings.telegram_poll_s),
         store,
         functools.partial(_renderer_for, application, settings),
         PLATFORM,
@@ -256,10 +260,12 @@ def main(settings: Settings | None = None) -> int:
     configure(celery, settings)  # jobs go to this settings' broker, not only the environment's
     logging.getLogger("httpx").setLevel(logging.WARNING)  # its request lines carry the bot token
     sessions = make_sessionmaker(make_engine(settings.sql_url))
+    installation = installation_token(sessions)
     application = build_application(
         settings,
         sessions=sessions,
-        dispatch=dispatcher(installation_token(sessions)),
+        installation=installation,
+        dispatch=dispatcher(installation),
         redis=redis.asyncio.Redis.from_url(settings.redis_url),
     )
     application.run_polling(allowed_updates=Update.ALL_TYPES)

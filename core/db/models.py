@@ -71,11 +71,6 @@ def _str_enum(cls: type) -> Enum:
     return Enum(cls, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e])
 
 
-def new_installation_token() -> str:
-    """A fresh database's name (see ``Installation``): 64 random bits in hex."""
-    return secrets.token_hex(8)
-
-
 def utcnow() -> dt.datetime:
     """Timezone-aware now, the one clock every row uses."""
     return dt.datetime.now(dt.timezone.utc)
@@ -416,12 +411,12 @@ class Installation(Base):
     __tablename__ = "installation"
     __table_args__ = (CheckConstraint("id = 1", name="one_row"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, default=1)
-    token: Mapped[str] = mapped_column(String(32), default=new_installation_token)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 @event.listens_for(Installation.__table__, "after_create")
 def _name_new_database(table: Any, connection: Any, **_kw: Any) -> None:
     """``create_all`` names the database as the migration does (tests and scripts create tables that way)."""
-    connection.execute(table.insert().values(id=1, token=new_installation_token(), created_at=utcnow()))
+    connection.execute(table.insert().values(id=1, token=secrets.token_hex(8)))  # 64 random bits, as migration 0002

@@ -17,7 +17,6 @@ from bots.console import QUIT, ConsoleFrontend
 from bots.telegram.app import build_application
 from bots.telegram.handlers import ADMIN_COMMANDS, help_text
 from core.chat import COMMANDS, ChatService
-from core.db.models import Base
 from core.db.session import make_engine, make_sessionmaker
 from core.jobs import IncomingMessage
 from core.media import FileStore
@@ -39,11 +38,11 @@ def _service(tmp_path: Path) -> ChatService:
 
 def _telegram_commands(tmp_path: Path) -> set[str]:
     settings = make_settings(tmp_path, telegram_token="123:fake")
-    engine = make_engine(f"sqlite:///{tmp_path / 'tg.db'}")
-    Base.metadata.create_all(engine)  # building reads the database's installation token
-    sessions = make_sessionmaker(engine)
-    no_redis: Any = None  # and talks to nothing else
-    application = build_application(settings, sessions=sessions, dispatch=lambda _job, _kind: None, redis=no_redis)
+    sessions = make_sessionmaker(make_engine(f"sqlite:///{tmp_path / 'tg.db'}"))
+    no_redis: Any = None  # building the handlers talks to nothing
+    application = build_application(
+        settings, sessions=sessions, installation="", dispatch=lambda _job, _kind: None, redis=no_redis
+    )
     handlers: list[Any] = [h for group in application.handlers.values() for h in group]
     for handler in list(handlers):
         if isinstance(handler, ConversationHandler):

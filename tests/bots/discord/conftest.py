@@ -83,7 +83,10 @@ async def running_bot(stack: Stack, fake: FakeDiscord | None = None) -> AsyncIte
         fake = FakeDiscord()
         await fake.start()
     aredis = AsyncRedis.from_url(stack.stream_url)
-    bot = UniBot(services(stack.settings, stack.sessions, aredis, stack.dispatch), notify_interval_s=0.2)
+    bot = UniBot(
+        services(stack.settings, stack.sessions, stack.live.ctx.installation, aredis, stack.dispatch),
+        notify_interval_s=0.2,
+    )
     with pointed_at(fake):
         runner = asyncio.create_task(bot.start("fake-token"))
         try:

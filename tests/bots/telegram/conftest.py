@@ -65,6 +65,7 @@ async def running_bot(live: Live, fake: FakeBotApi, **overrides: Any) -> AsyncIt
     application = build_application(
         bot_settings(live, fake, **overrides),
         sessions=live.sessionmaker,
+        installation=live.ctx.installation,
         dispatch=live.dispatch,
         redis=redis,
         store=live.ctx.store,
