@@ -178,18 +178,19 @@ def run_users_in_process(settings: Settings, watch: Callable[[Engine], None] = l
     from workers.shared_model import SharedModel
     from workers.tasks import execute
 
-    context = context_from_settings(settings, SharedModel(EchoModel))
-    engine = context.sessionmaker.kw["bind"]
-    watch(engine)
-    engine.dispose()  # the connection the context read the database's name on was opened before the watch
     queued: list[int] = []
 
     def send(job_id: int, _kind: JobKind) -> None:
         queued.append(job_id)
 
+    context = context_from_settings(settings, SharedModel(EchoModel), send)
+    engine = context.sessionmaker.kw["bind"]
+    watch(engine)
+    engine.dispose()  # the connection the context read the database's name on was opened before the watch
+
     def drain() -> None:
         while queued:
-            execute(context, queued.pop(0), False, send)
+            execute(context, queued.pop(0))
 
     try:
         run_users(ChatService(context.sessionmaker, settings, send), drain)

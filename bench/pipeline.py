@@ -211,14 +211,15 @@ class Client:
     """A frontend's side of the path: the chat service and the stream follower."""
 
     def __init__(self, settings: Settings) -> None:
-        from workers.celery_app import app, configure
+        from workers.celery_app import create_app
         from workers.tasks import dispatcher
 
-        configure(app, settings)
         self.engine = make_engine(settings.sql_url)
         sessions = make_sessionmaker(self.engine)
         self.installation = installation_token(sessions)
-        self.service = ChatService(sessions, settings, dispatcher(self.installation))
+        # an app per database: a Celery app sends for one database (workers.celery_app.use_installation)
+        self.celery = create_app(settings)
+        self.service = ChatService(sessions, settings, dispatcher(self.installation, self.celery))
         self.redis = Redis.from_url(settings.redis_url)
 
     def message(self, user: str, n: int) -> float:
@@ -238,6 +239,7 @@ class Client:
     def close(self) -> None:
         self.redis.close()
         self.engine.dispose()
+        self.celery.close()
 
 
 def measure(database: str, database_url: str, redis_url: str, worker_cpus: str, args: argparse.Namespace) -> Result:
@@ -400,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         "| CPU ms/message | CPU ms/message, concurrent |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    # one private Redis for every run: the client's Celery app keeps its broker connections
+    # one private Redis for every run, flushed before each measurement
     with (
         tempfile.TemporaryDirectory() as folder,
         private_redis(_settings(Path(folder), "", unused_redis_url(), 1)) as url,

@@ -40,8 +40,8 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
         description=(
-            "Redis: Celery broker and per-job event streams. Give each installation its own Redis database: the "
-            "workers of two SQL stores on one take each other's job messages and drop them (with a warning)."
+            "Redis: Celery broker and per-job event streams. Installations may share one Redis database: every "
+            "key carries the SQL store's own token (`broker:TOKEN:chat`, `job:TOKEN:ID`)."
         ),
     )
     private_redis: bool = Field(

@@ -236,6 +236,7 @@ def worker_context(tmp_path_factory: pytest.TempPathFactory, redis_url: str, req
     from tests.doubles import EchoModel
     from workers.context import WorkerContext
     from workers.shared_model import SharedModel
+    from workers.tasks import dispatcher
 
     try:
         db_url = request.getfixturevalue("pg_databases").create()
@@ -253,7 +254,8 @@ def worker_context(tmp_path_factory: pytest.TempPathFactory, redis_url: str, req
         redis=Redis.from_url(redis_db(redis_url, STREAM_DB)),
         store=FileStore(settings.files_dir),
         model=SharedModel(lambda: model),
-        installation=installation_token(sessions),
+        installation=(installation := installation_token(sessions)),
+        dispatch=dispatcher(installation),  # binds the run's Celery app to this database
     )
 
 
@@ -279,12 +281,11 @@ def live(celery_worker: Any, worker_context: Any, redis_client: Redis) -> Live:
     """The job path with a running worker: empty SQL tables and streams, a fresh EchoModel."""
     from core.chat import ChatService
     from tests.doubles import EchoModel
-    from workers.tasks import dispatcher
 
     reset_tables(worker_context.sessionmaker.kw["bind"])
     for path in list(worker_context.store.root.glob("*")):
         shutil.rmtree(path, ignore_errors=True)
-    dispatch = dispatcher(worker_context.installation)
+    dispatch = worker_context.dispatch
     service = ChatService(worker_context.sessionmaker, worker_context.settings, dispatch, worker_context.store)
     harness = Live(worker_context, service, EchoModel(), dispatch)
     harness.use_model(harness.model)

@@ -29,11 +29,12 @@ _OPEN = ("pending", "approved", "training", "evaluated", "failed")
 _ALL = _OPEN + ("published", "rejected", "cancelled", "withdrawn")
 
 
-def _train_sender(installation: str) -> Callable[[int], None]:
-    """Sends a train task now; if the broker is unreachable the sweeper re-sends the queued job."""
+def _train_sender(settings: Settings, installation: str) -> Callable[[int], None]:
+    """Sends a train task now, to the settings' broker; if it is unreachable the sweeper re-sends the queued job."""
+    from workers.celery_app import create_app
     from workers.tasks import dispatcher
 
-    dispatch = dispatcher(installation)
+    dispatch = dispatcher(installation, create_app(settings))
 
     def send(job_id: int) -> None:
         try:
@@ -69,7 +70,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     who = Actor("cli", getpass.getuser())
     db = make_sessionmaker(make_engine(settings.sql_url))
     try:
-        service = Submissions(settings, FileStore(settings.files_dir), dispatch=_train_sender(installation_token(db)))
+        dispatch = _train_sender(settings, installation_token(db))
+        service = Submissions(settings, FileStore(settings.files_dir), dispatch=dispatch)
         with db.begin() as session:
             print(_act(args, settings, service, who, session))
     except (SubmissionError, SchemaNotReady) as error:

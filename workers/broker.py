@@ -9,7 +9,9 @@ work.
 With late acks kombu records each delivered message in two keys (the unacked hash and its time index, from which
 ``restore_visible`` hands a message out again after the visibility timeout) and removes it on ack, each time in a
 MULTI/EXEC pipeline. :class:`QoS` does the same writes to the same keys as one atomic script call, which costs
-the worker less; delivery, restoring and the visibility timeout stay kombu's.
+the worker less; delivery, restoring and the visibility timeout stay kombu's. The keys carry the channel's
+``global_keyprefix`` (the database's, ``workers.celery_app.use_installation``), written out here: kombu's
+prefixing client would prefix only a script's first key.
 
 A GPU worker's threads serve the chat and image queues together, one message per thread (prefetch 1), and a
 picture holds its thread for as long as it renders. Enough pictures at once would hold every thread, and a reply
@@ -27,6 +29,7 @@ from typing import Any, Final
 
 from kombu.transport import redis, virtual
 from kombu.utils.json import dumps
+from redis import Redis
 
 from core.streams import run_script
 
@@ -43,25 +46,17 @@ redis.call('HDEL', KEYS[2], ARGV[1])
 
 
 class QoS(redis.QoS):
-    """kombu's acknowledgement emulation, each step one script call (a key prefix keeps kombu's own path)."""
+    """kombu's acknowledgement emulation, each step one script call."""
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        if self.channel.global_keyprefix:
-            return super().append(message, delivery_tag)
         delivery = message.delivery_info
         record = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        with self.channel.conn_or_acquire() as client:
-            run_script(client, _APPEND, [self.unacked_index_key, self.unacked_key], [delivery_tag, time(), record])
+        self.channel.run_script(_APPEND, [self.unacked_index_key, self.unacked_key], [delivery_tag, time(), record])
         virtual.QoS.append(self, message, delivery_tag)
-        return None
 
     def ack(self, delivery_tag: str) -> None:
-        if self.channel.global_keyprefix:
-            return super().ack(delivery_tag)
-        with self.channel.conn_or_acquire() as client:
-            run_script(client, _REMOVE, [self.unacked_index_key, self.unacked_key], [delivery_tag])
+        self.channel.run_script(_REMOVE, [self.unacked_index_key, self.unacked_key], [delivery_tag])
         virtual.QoS.ack(self, delivery_tag)
-        return None
 
 
 class _WithoutFull:
@@ -99,6 +94,13 @@ class Channel(redis.Channel):
         qos = self.qos  # delivered and not yet acknowledged (kombu's own record), by queue
         held = Counter(m.delivery_info.get("routing_key") for tag, m in qos._delivered.items() if tag not in qos._dirty)
         return frozenset(queue for queue, free in limited.items() if held[queue] >= max(1, slots - free))
+
+    def run_script(self, source: str, keys: list[str], args: list[object]) -> Any:
+        """Run the Lua ``source`` on ``keys`` under this channel's key prefix, with a client that adds none."""
+        client = self.__dict__.get("_unichar_scripts")
+        if client is None:
+            client = self.__dict__["_unichar_scripts"] = Redis(connection_pool=self.pool)
+        return run_script(client, source, [self.global_keyprefix + key for key in keys], args)
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:  # kombu caches those itself

@@ -5,6 +5,10 @@ dies mid-job leaves its message unacknowledged, and Redis hands it out again aft
 is longer than the longest job so a healthy job is never handed out twice. One message per worker thread at a time
 (prefetch 1) keeps a long image job from holding other users' replies hostage, and pictures never take a worker's
 last thread while it also serves replies. No result backend: results are rows and event streams.
+
+Every broker key (the queues, the unacknowledged messages, kombu's bindings) lives under the SQL store's token
+(``core.db.installation``), set by :func:`use_installation`: job ids are only unique within one database, so two
+installations sharing a Redis database, or a database made again, never take each other's job messages.
 """
 
 from __future__ import annotations
@@ -15,23 +19,40 @@ from celery import Celery
 from kombu import Queue
 
 from core.config import Settings, get_settings
+from core.db.installation import installation_token
+from core.db.session import make_engine, make_sessionmaker
 from core.jobs import QUEUE_OF_KIND
 from workers.cpus import keep_to_cpus
 
-__all__ = ["QUEUES", "create_app", "configure", "worker_argv", "start_worker", "app"]
+__all__ = [
+    "QUEUES",
+    "create_app",
+    "configure",
+    "broker_prefix",
+    "use_installation",
+    "worker_argv",
+    "start_worker",
+    "app",
+]
 
 QUEUES = ("chat", "image", "train")
 assert set(QUEUE_OF_KIND.values()) <= set(QUEUES)
 
 
 def configure(celery: Celery, settings: Settings, **overrides: object) -> None:
-    """Point ``celery`` at ``settings.redis_url`` with the project's delivery settings (``overrides`` win)."""
+    """Point ``celery`` at ``settings.redis_url`` with the project's delivery settings (``overrides`` win); the
+    database it is bound to (:func:`use_installation`) stays."""
     longest = max(settings.job_timeout_s, settings.train_timeout_s)
+    bound = (celery.conf.broker_transport_options or {}).get("global_keyprefix")
     celery.conf.update(
         broker_url=settings.redis_url,
         broker_transport="workers.broker:Transport",  # kombu's Redis transport, minus a client object per message
-        # a worker on chat and image keeps one thread for replies however many pictures wait (workers.broker)
-        broker_transport_options={"visibility_timeout": int(longest * 1.25) + 60, "leave_free": {"image": 1}},
+        broker_transport_options={
+            "visibility_timeout": int(longest * 1.25) + 60,
+            # a worker on chat and image keeps one thread for replies however many pictures wait (workers.broker)
+            "leave_free": {"image": 1},
+            **({"global_keyprefix": bound} if bound else {}),
+        },
         broker_connection_retry_on_startup=True,
         result_backend=None,
         task_ignore_result=True,
@@ -47,6 +68,27 @@ def configure(celery: Celery, settings: Settings, **overrides: object) -> None:
         worker_send_task_events=False,
     )
     celery.conf.update(overrides)
+
+
+def broker_prefix(installation: str) -> str:
+    """The prefix of every broker key of the database named ``installation``."""
+    return f"broker:{installation}:"
+
+
+def use_installation(celery: Celery, installation: str) -> None:
+    """Keep ``celery``'s broker keys under the database named ``installation``; call it after :func:`configure`
+    and before the app's first message.
+
+    A process serves one database: binding the app to another one is a RuntimeError, since its connections would
+    keep the first prefix.
+    """
+    options = dict(celery.conf.broker_transport_options or {})
+    bound, prefix = options.get("global_keyprefix"), broker_prefix(installation)
+    if bound == prefix:
+        return
+    if bound:
+        raise RuntimeError(f"this process's Celery app already sends under {bound!r}, not {prefix!r}")
+    celery.conf.broker_transport_options = {**options, "global_keyprefix": prefix}
 
 
 def create_app(settings: Settings) -> Celery:
@@ -72,14 +114,20 @@ def worker_argv(settings: Settings, queues: Sequence[str], hostname: str | None 
 
 
 def start_worker(settings: Settings, queues: Sequence[str], hostname: str | None = None) -> None:
-    """Run a worker on ``queues`` in this process until it is stopped.
+    """Run a worker on ``queues`` of the settings' database in this process until it is stopped.
 
     A chat or image worker keeps to ``settings.worker_cpus`` (``workers.cpus``); a train worker uses every core.
-    Raises ValueError on unknown queues and CoresUnavailable on cores it may not use, before anything starts.
+    Raises ValueError on unknown queues, CoresUnavailable on cores it may not use and SchemaNotReady on a database
+    without its token, before anything starts.
     """
     argv = worker_argv(settings, queues, hostname)
     if settings.worker_cpus and set(queues) != {"train"}:
         keep_to_cpus(settings.worker_cpus)
+    engine = make_engine(settings.sql_url)
+    try:
+        use_installation(app, installation_token(make_sessionmaker(engine)))
+    finally:
+        engine.dispose()
     app.worker_main(argv)
 
 

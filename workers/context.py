@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from redis import Redis
 
+from core.chat import Dispatch
 from core.config import Settings, get_settings
 from core.db.installation import installation_token
 from core.db.session import make_engine, make_sessionmaker
@@ -34,18 +35,26 @@ class WorkerContext:
     store: FileStore
     model: SharedModel
     installation: str  # the database's token (core.db.installation), read when the context is built
+    dispatch: Dispatch  # how follow-up jobs (a rolling summary, a scene picture) are sent
 
 
-def context_from_settings(settings: Settings, model: SharedModel | None = None) -> WorkerContext:
-    """Resources for ``settings``; the model defaults to the runtime the settings name, loaded on first use."""
+def context_from_settings(
+    settings: Settings, model: SharedModel | None = None, dispatch: Dispatch | None = None
+) -> WorkerContext:
+    """Resources for ``settings``; the model defaults to the runtime the settings name, loaded on first use, and
+    follow-up jobs go to the broker under the database's prefix (``workers.tasks.dispatcher``)."""
+    from workers.tasks import dispatcher  # the tasks module reads the context itself
+
     sessions = make_sessionmaker(make_engine(settings.sql_url))
+    installation = installation_token(sessions)
     return WorkerContext(
         settings=settings,
         sessionmaker=sessions,
         redis=Redis.from_url(settings.redis_url),
         store=FileStore(settings.files_dir),
         model=model or SharedModel(lambda: load_runtime(settings)),
-        installation=installation_token(sessions),
+        installation=installation,
+        dispatch=dispatch or dispatcher(installation),
     )
 
 

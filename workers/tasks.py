@@ -1,8 +1,7 @@
 """Celery tasks, kept thin: a task carries a job id and hands the job to its runner.
 
-Job ids are only unique within one database, so every job message is headed with the database's installation
-token (``core.db.installation``) and a worker runs only its own database's messages: a message left in Redis by a
-database made again, or sent by another installation sharing the Redis database, is dropped with a warning.
+Job ids are only unique within one database: a dispatcher sends, and a worker takes, only the messages under its
+database's broker prefix (``workers.celery_app.use_installation``).
 
 The attempt cap lives in the job row (``workers.lifecycle.claim``), so it holds across broker restarts and
 sweeper re-sends. Failures the user should hear about become a Failed event and a failed row; nothing is retried
@@ -15,19 +14,19 @@ import logging
 from collections.abc import Callable
 from typing import Final
 
+from celery import Celery
+
 from core.chat import Dispatch
 from core.jobs import QUEUE_OF_KIND, Failed, JobKind
-from workers.celery_app import app
+from workers.celery_app import app, use_installation
 from workers.context import WorkerContext, get_context
 from workers.inference import FollowUp, run_chat, run_image, run_summary
 from workers.lifecycle import Cancelled, Claim, JobError, Superseded, TimedOut, claim, emit, fail
 from workers.training_runner import run_train
 
-__all__ = ["INSTALLATION_HEADER", "RUNNERS", "run_job", "dispatcher", "execute"]
+__all__ = ["RUNNERS", "run_job", "dispatcher", "execute"]
 
 logger = logging.getLogger(__name__)
-
-INSTALLATION_HEADER: Final = "unichar_installation"
 
 RUNNERS: Final[dict[JobKind, Callable[[WorkerContext, Claim], list[FollowUp]]]] = {
     JobKind.CHAT: run_chat,
@@ -37,24 +36,22 @@ RUNNERS: Final[dict[JobKind, Callable[[WorkerContext, Claim], list[FollowUp]]]] 
 }
 
 
-def dispatcher(installation: str) -> Dispatch:
-    """``core.chat.Dispatch`` for the database named ``installation``: each job to its kind's queue, headed with
-    the token. Call it after the job row is committed."""
-    headers = {INSTALLATION_HEADER: installation}
+def dispatcher(installation: str, celery: Celery = app) -> Dispatch:
+    """``core.chat.Dispatch`` for the database named ``installation``: each job to its kind's queue, under the
+    database's prefix (this binds ``celery`` to it). Call it after the job row is committed."""
+    use_installation(celery, installation)
 
     def dispatch(job_id: int, kind: JobKind) -> None:
-        run_job.apply_async((job_id,), queue=QUEUE_OF_KIND[kind], headers=headers)
+        celery.send_task(run_job.name, (job_id,), queue=QUEUE_OF_KIND[kind])
 
     return dispatch
 
 
-def execute(ctx: WorkerContext, job_id: int, redelivered: bool = False, send: Dispatch | None = None) -> None:
+def execute(ctx: WorkerContext, job_id: int, redelivered: bool = False) -> None:
     """Run one delivery of a job: claim, run, complete or fail; duplicates and finished jobs do nothing.
 
-    Jobs the runner queued (a rolling summary after a reply) are sent with ``send`` (default: to this worker's
-    broker, headed with its database's token) after its commit.
+    Jobs the runner queued (a rolling summary after a reply) are sent with ``ctx.dispatch`` after its commit.
     """
-    send = send or dispatcher(ctx.installation)
     work = claim(ctx, job_id, redelivered)
     if work is None:
         return
@@ -80,7 +77,7 @@ def execute(ctx: WorkerContext, job_id: int, redelivered: bool = False, send: Di
         return
     for follow_id, kind in follow_ups:
         try:
-            send(follow_id, kind)
+            ctx.dispatch(follow_id, kind)
         except Exception:  # the row is queued: the sweeper sends it later
             logger.warning("dispatching follow-up job %s failed", follow_id, exc_info=True)
 
@@ -88,16 +85,5 @@ def execute(ctx: WorkerContext, job_id: int, redelivered: bool = False, send: Di
 @app.task(name="unichar.run_job", bind=True, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(self, job_id: int) -> None:  # type: ignore[no-untyped-def]
     """Run the job ``job_id``; a redelivery (its first worker died) may take over a running job."""
-    ctx = get_context()
-    sender = (self.request.headers or {}).get(INSTALLATION_HEADER)
-    if sender != ctx.installation:
-        logger.warning(
-            "job message %s is for database %s, not this worker's %s (a database made again, or another installation"
-            " on this Redis database): not run",
-            job_id,
-            sender,
-            ctx.installation,
-        )
-        return
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-    execute(ctx, int(job_id), redelivered)
+    execute(get_context(), int(job_id), redelivered)

@@ -1,8 +1,9 @@
 """The token that names a database (``core.db.models.Installation``), read once when a process starts.
 
-Every Redis key that depends on row ids carries it: the job event streams (``core.streams``) and the header of
-each job message (``workers.tasks``). Job ids start again at 1 in a database made again, and two installations may
-share one Redis by mistake; with the token, neither reads the other's streams nor runs the other's jobs.
+Every Redis key that depends on row ids carries it: the job event streams (``core.streams``) and the broker's
+queues (``workers.celery_app.use_installation``). Job ids start again at 1 in a database made again, and two
+installations may share one Redis database; with the token, neither reads the other's streams nor takes the other's
+job messages.
 """
 
 from __future__ import annotations

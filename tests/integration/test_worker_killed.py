@@ -20,7 +20,7 @@ from tests.conftest import SCRATCH_DB, STREAM_DB, make_settings, redis_db
 from tests.factories import add_character, incoming
 from tests.integration.test_job_path import wait_for
 from workers.celery_app import create_app
-from workers.tasks import INSTALLATION_HEADER
+from workers.tasks import dispatcher
 
 pytestmark = pytest.mark.integration
 
@@ -53,10 +53,7 @@ def spawn(live, redis_url: str, tmp_path: Path) -> Iterator:
 def test_killed_worker_job_is_redelivered_and_completed_once(live, spawn, redis_url, tmp_path):
     add_character(live.sessionmaker)
     sender = create_app(make_settings(tmp_path / "sender", redis_url=redis_db(redis_url, SCRATCH_DB)))
-    headers = {INSTALLATION_HEADER: live.ctx.installation}
-    live.service.dispatch = lambda job_id, _kind: sender.send_task(
-        "unichar.run_job", (job_id,), queue="chat", headers=headers
-    )
+    live.service.dispatch = dispatcher(live.ctx.installation, sender)
     outcome = live.service.handle(incoming("survive this"))
 
     first = spawn("block")

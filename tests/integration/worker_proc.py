@@ -22,6 +22,7 @@ from tests.doubles import EchoModel
 from workers.celery_app import app, configure, worker_argv
 from workers.context import WorkerContext, install_context
 from workers.shared_model import SharedModel
+from workers.tasks import dispatcher
 
 VISIBILITY = {"visibility_timeout": 3, "unacked_restore_interval": 1, "unacked_restore_throttle": 1}
 
@@ -32,6 +33,8 @@ def main(db_url: str, broker_url: str, stream_url: str, data_dir: str, mode: str
     settings = make_settings(Path(data_dir), database_url=db_url, redis_url=broker_url, worker_threads=1)
     model = EchoModel(block=threading.Event()) if mode == "block" else EchoModel()
     sessions = make_sessionmaker(make_engine(db_url))
+    installation = installation_token(sessions)
+    configure(app, settings, broker_transport_options=VISIBILITY)
     install_context(
         WorkerContext(
             settings=settings,
@@ -39,10 +42,10 @@ def main(db_url: str, broker_url: str, stream_url: str, data_dir: str, mode: str
             redis=Redis.from_url(stream_url),
             store=FileStore(settings.files_dir),
             model=SharedModel(lambda: model),
-            installation=installation_token(sessions),
+            installation=installation,
+            dispatch=dispatcher(installation),  # binds the app to the database, under its broker prefix
         )
     )
-    configure(app, settings, broker_transport_options=VISIBILITY)
     app.worker_main([*worker_argv(settings, ["chat"], hostname=f"{mode}@%h"), "--loglevel", "INFO"])
 
 

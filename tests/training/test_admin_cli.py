@@ -33,7 +33,7 @@ def pending(tmp_path, monkeypatch):
 
 def test_queue_list_show_approve(pending, tmp_path, capsys, monkeypatch):
     sent: list[int] = []
-    monkeypatch.setattr("unichar.admin_cli._train_sender", lambda _installation: sent.append)
+    monkeypatch.setattr("unichar.admin_cli._train_sender", lambda _settings, _installation: sent.append)
     assert main(["admin", "queue", "list"]) == 0
     assert f"#{pending}" in capsys.readouterr().out
     sheet = tmp_path / "sheet.png"

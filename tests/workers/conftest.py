@@ -26,12 +26,13 @@ def worker_sessionmaker(sessionmaker):
 
 
 @pytest.fixture
-def ctx(settings, worker_sessionmaker, redis_client, model) -> WorkerContext:
-    """What a worker process would hold, on this test's stores."""
+def ctx(settings, worker_sessionmaker, redis_client, model, sent) -> WorkerContext:
+    """What a worker process would hold, on this test's stores; follow-up jobs are recorded in ``sent``."""
     add_character(worker_sessionmaker, "Furina")
     store, shared = FileStore(settings.files_dir), SharedModel(lambda: model)
+    installation = installation_token(worker_sessionmaker)
     return WorkerContext(
-        settings, worker_sessionmaker, redis_client, store, shared, installation_token(worker_sessionmaker)
+        settings, worker_sessionmaker, redis_client, store, shared, installation, lambda *job: sent.append(job)
     )
 
 

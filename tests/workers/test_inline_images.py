@@ -69,7 +69,7 @@ def reply(ctx, service, sent: list, text: str, **who: str) -> tuple[list, list[J
     outcome = service.handle(incoming(text, **who))
     assert isinstance(outcome, JobQueued)
     sent.clear()
-    execute(ctx, outcome.job_id, send=lambda job_id, kind: sent.append((job_id, kind)))
+    execute(ctx, outcome.job_id)  # the context records follow-ups in ``sent``
     stream = events(ctx, outcome.job_id)
     with ctx.sessionmaker() as session:
         pictures = [session.get(Job, job_id) for job_id, kind in sent if kind is JobKind.IMAGE]
