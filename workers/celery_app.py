@@ -19,9 +19,8 @@ from celery import Celery
 from kombu import Queue
 
 from core.config import Settings, get_settings
-from core.db.installation import installation_token
-from core.db.session import make_engine, make_sessionmaker
 from core.jobs import QUEUE_OF_KIND
+from workers.context import get_context
 from workers.cpus import keep_to_cpus
 
 __all__ = [
@@ -114,7 +113,8 @@ def worker_argv(settings: Settings, queues: Sequence[str], hostname: str | None 
 
 
 def start_worker(settings: Settings, queues: Sequence[str], hostname: str | None = None) -> None:
-    """Run a worker on ``queues`` of the settings' database in this process until it is stopped.
+    """Run a worker on ``queues`` in this process until it is stopped, under the broker prefix of its context's
+    database (``workers.context.get_context``).
 
     A chat or image worker keeps to ``settings.worker_cpus`` (``workers.cpus``); a train worker uses every core.
     Raises ValueError on unknown queues, CoresUnavailable on cores it may not use and SchemaNotReady on a database
@@ -123,11 +123,7 @@ def start_worker(settings: Settings, queues: Sequence[str], hostname: str | None
     argv = worker_argv(settings, queues, hostname)
     if settings.worker_cpus and set(queues) != {"train"}:
         keep_to_cpus(settings.worker_cpus)
-    engine = make_engine(settings.sql_url)
-    try:
-        use_installation(app, installation_token(make_sessionmaker(engine)))
-    finally:
-        engine.dispose()
+    use_installation(app, get_context().installation)  # the database this process's tasks run on
     app.worker_main(argv)
 
 
