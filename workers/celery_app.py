@@ -75,18 +75,18 @@ def broker_prefix(installation: str) -> str:
 
 
 def use_installation(celery: Celery, installation: str) -> None:
-    """Keep ``celery``'s broker keys under the database named ``installation``; call it after :func:`configure`
-    and before the app's first message.
+    """Keep ``celery``'s broker keys under the database named ``installation``; call it before the app's first
+    message (:func:`configure` keeps it).
 
-    A process serves one database: binding the app to another one is a RuntimeError, since its connections would
-    keep the first prefix.
+    An app serves one database: binding it to another one is a RuntimeError, since its connections would keep the
+    first prefix.
     """
     options = dict(celery.conf.broker_transport_options or {})
     bound, prefix = options.get("global_keyprefix"), broker_prefix(installation)
     if bound == prefix:
         return
     if bound:
-        raise RuntimeError(f"this process's Celery app already sends under {bound!r}, not {prefix!r}")
+        raise RuntimeError(f"this Celery app already sends under {bound!r}, not {prefix!r}")
     celery.conf.broker_transport_options = {**options, "global_keyprefix": prefix}
 
 
