@@ -55,7 +55,7 @@ def test_runs_a_short_bench_on_both_databases(
 ) -> None:
     """The bench keeps working as the job path changes: a real worker process, its own Redis, both databases.
 
-    It runs as its users run it, a process of its own: its frontend configures this process's Celery app.
+    It runs as its users run it, a process of its own: its frontend builds a Celery app per database.
     """
     argv = ["--messages", "6", "--users", "2", "--per-user", "3", "--warmup", "2", "--worker-cpus", "all"]
     env = {**os.environ, "UNICHAR_BENCH_PG_URL": pg_databases.admin_url}  # the bench makes and drops its database
