@@ -38,7 +38,7 @@ RUNNERS: Final[dict[JobKind, Callable[[WorkerContext, Claim], list[FollowUp]]]] 
 
 def dispatcher(installation: str, celery: Celery = app) -> Dispatch:
     """``core.chat.Dispatch`` for the database named ``installation``: each job to its kind's queue, under the
-    database's prefix (this binds ``celery`` to it). Call it after the job row is committed."""
+    database's prefix (this binds ``celery`` to it). Send a job only once its row is committed."""
     use_installation(celery, installation)
 
     def dispatch(job_id: int, kind: JobKind) -> None:
