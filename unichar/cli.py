@@ -124,14 +124,14 @@ def _chat(args: argparse.Namespace, settings: Settings) -> int:
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
     """A Celery worker on the given queues, its thread pool sharing one model engine."""
-    from workers.celery_app import start_worker
+    from workers.celery_app import ModelUnavailable, start_worker
     from workers.cpus import CoresUnavailable
 
     if args.threads:
         settings = settings.model_copy(update={"worker_threads": args.threads})
     try:
         start_worker(settings, args.queues, hostname=f"{'+'.join(args.queues)}@%h")
-    except CoresUnavailable as error:
+    except (CoresUnavailable, ModelUnavailable) as error:
         raise CliError(str(error)) from error
     return 0
 

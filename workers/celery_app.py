@@ -30,6 +30,7 @@ __all__ = [
     "broker_prefix",
     "use_installation",
     "worker_argv",
+    "ModelUnavailable",
     "start_worker",
     "app",
 ]
@@ -112,18 +113,30 @@ def worker_argv(settings: Settings, queues: Sequence[str], hostname: str | None 
     return argv + (["--hostname", hostname] if hostname else [])
 
 
+class ModelUnavailable(RuntimeError):
+    """The model a chat or image worker serves cannot be loaded; the message says why."""
+
+
 def start_worker(settings: Settings, queues: Sequence[str], hostname: str | None = None) -> None:
     """Run a worker on ``queues`` in this process until it is stopped, under the broker prefix of its context's
     database (``workers.context.get_context``).
 
-    A chat or image worker keeps to ``settings.worker_cpus`` (``workers.cpus``); a train worker uses every core.
-    Raises ValueError on unknown queues, CoresUnavailable on cores it may not use and SchemaNotReady on a database
-    without its token, before anything starts.
+    A chat or image worker keeps to ``settings.worker_cpus`` (``workers.cpus``) and loads its model (warmed up, on
+    a GPU) before it takes a job, so that no user waits for that; a train worker uses every core and loads what
+    each job trains. Raises ValueError on unknown queues, CoresUnavailable on cores it may not use, SchemaNotReady
+    on a database without its token and ModelUnavailable on a model folder it cannot load, before taking jobs.
     """
     argv = worker_argv(settings, queues, hostname)
-    if settings.worker_cpus and set(queues) != {"train"}:
+    serves_model = set(queues) != {"train"}
+    if settings.worker_cpus and serves_model:
         keep_to_cpus(settings.worker_cpus)
-    use_installation(app, get_context().installation)  # the database this process's tasks run on
+    context = get_context()
+    use_installation(app, context.installation)  # the database this process's tasks run on
+    if serves_model:
+        try:
+            context.model.get()
+        except (OSError, ValueError) as error:  # a missing or mismatched file, named by the loader
+            raise ModelUnavailable(f"the model cannot be loaded: {error}") from error
     app.worker_main(argv)
 
 
