@@ -3,7 +3,9 @@
 Every input of a step lives in a fixed buffer (token, rope id, write index, key mask) and is advanced on the
 device, so a step has fixed shapes and no host work: on CUDA it is captured once per cache size and replayed,
 which removes the ~700 kernel launches per token that dominate batch-1 decoding. The cache grows in buckets;
-growing drops the graph. With a LoRA adapter active the step runs eagerly (the graph holds the base weights).
+growing drops the graphs. A character's LoRA adapter gets a graph of its own, whose kernels read that adapter's
+factors: run eagerly instead, a step with a rank-64 adapter took 49 ms on an H200, against 7.3 ms replayed (the
+base model's: 4.7 ms; bench/RESULTS.md). The base model's graph and those of the last adapters used are kept.
 
 ``TextDecoder.tokens`` runs one step ahead of its caller: step t+1 is launched, fed the sampled token still on the
 device, before token t is read on the host, so the caller's work on token t (detokenising, streaming) overlaps the
@@ -14,7 +16,10 @@ the last complete character, so a token costs the same however long the reply.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -22,11 +27,24 @@ from torch import Tensor
 from core.model.bagel import Bagel
 from core.model.kv_cache import CacheSpan, KVCache
 
-__all__ = ["CACHE_BUCKET", "TextDecoder", "TextStream"]
+if TYPE_CHECKING:
+    from core.model.lora import Adapter
+
+__all__ = ["CACHE_BUCKET", "GRAPHS_KEPT", "TextDecoder", "TextStream"]
 
 logger = logging.getLogger(__name__)
 
 CACHE_BUCKET = 1024  # cache sizes are multiples of this, so graphs are re-captured rarely
+GRAPHS_KEPT = 3  # decode graphs kept: the base model's and the last two adapters' (each keeps its adapter alive)
+
+
+@dataclass(frozen=True, slots=True)
+class _Graph:
+    """A captured step and its output buffer; ``adapter`` holds the factors its kernels read."""
+
+    graph: torch.cuda.CUDAGraph
+    logits: Tensor
+    adapter: Adapter | None
 
 
 class TextDecoder:
@@ -39,8 +57,7 @@ class TextDecoder:
         self.device = model.vae2llm.weight.device
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.cache = self._alloc(0)
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._logits: Tensor | None = None
+        self._graphs: OrderedDict[str | None, _Graph] = OrderedDict()  # by adapter id (None: the base model)
         self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.rope = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.write = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -57,11 +74,9 @@ class TextDecoder:
     def reserve(self, need: int) -> KVCache:
         """A cache of at least ``need`` positions (grown by buckets); prefill writes into it."""
         if need > self.cache.capacity:
-            if self._graph is not None:  # a step run ahead may still be replaying the graph about to be dropped
-                torch.cuda.current_stream(self.device).synchronize()
+            self._drop_graphs(list(self._graphs))
             self.cache = self._alloc(-(-need // CACHE_BUCKET) * CACHE_BUCKET)
             self.key_mask = torch.zeros(1, self.cache.capacity, dtype=torch.bool, device=self.device)
-            self._graph = self._logits = None
         return self.cache
 
     def start(self, length: int, token: int, rope: int) -> None:
@@ -72,23 +87,27 @@ class TextDecoder:
         self.key_mask.zero_()
         self.key_mask[:, :length] = True
 
-    def step(self, *, eager: bool = False) -> Tensor:
+    def step(self, adapter: Adapter | None = None) -> Tensor:
         """Logits ``[1, V]`` (float32) after feeding the current token; valid until the next step.
 
-        ``eager`` bypasses the graph: the caller passes True while a LoRA adapter is active.
+        ``adapter`` is the LoRA adapter active on the model (None: the base model). Its graph is used only with
+        that very object: a file loaded again has new tensors, so it gets a new graph.
         """
         self.key_mask.index_fill_(1, self.write, True)
-        if eager or not self.use_graphs:
+        if not self.use_graphs:
             return self._forward()
-        if self._graph is None:
+        key = None if adapter is None else adapter.id
+        entry = self._graphs.get(key)
+        if entry is None or entry.adapter is not adapter:
             try:
-                self._capture()
+                entry = self._capture(key, adapter)
             except RuntimeError:  # a kernel that cannot be captured: decode eagerly rather than fail the request
                 logger.exception("CUDA graph capture of the decode step failed; decoding eagerly from now on")
                 self.use_graphs = False
                 return self._forward()
-        self._graph.replay()
-        return self._logits
+        self._graphs.move_to_end(key)
+        entry.graph.replay()
+        return entry.logits
 
     def advance(self, token: Tensor) -> None:
         """Feed ``token`` ``[1]`` next, one position and one rope id further (device-side, no sync)."""
@@ -97,22 +116,24 @@ class TextDecoder:
         self.write.add_(1)
 
     def tokens(
-        self, sample: Callable[[Tensor], Tensor], max_new_tokens: int, *, stop: int | None, eager: bool = False
+        self, sample: Callable[[Tensor], Tensor], max_new_tokens: int, *, stop: int | None,
+        adapter: Adapter | None = None,
     ) -> Iterator[int]:
-        """Ids sampled from each step's logits until ``stop`` (not yielded) or ``max_new_tokens``, after ``start``.
+        """Ids sampled from each step's logits until ``stop`` (not yielded) or ``max_new_tokens``, after ``start``;
+        ``adapter`` is the one active on the model (:meth:`step`).
 
         ``sample`` maps logits ``[1, V]`` to a token ``[1]`` on the device. Sampling step t+1 waits until the caller
         is done with token t, so a generator's draws come in the same order as when stepping one by one. When token t
         is ``stop``, the step already launched is dropped: it wrote one cache slot past the reply, which nothing
         reads (``start`` resets the mask; ``reserve`` left room for ``max_new_tokens`` steps and no more run).
         """
-        nxt = sample(self.step(eager=eager))
+        nxt = sample(self.step(adapter))
         for t in range(max_new_tokens):
             ahead = t + 1 < max_new_tokens
             self._post(nxt)
             if ahead:
                 self.advance(nxt)
-                logits = self.step(eager=eager)
+                logits = self.step(adapter)
             token = self._read()  # the one host read per token (a CPU-GPU sync point), not waiting for the step ahead
             if token == stop:
                 return
@@ -138,7 +159,11 @@ class TextDecoder:
         hidden = lm.model(lm.model.embed_tokens(self.token), self.rope, cache=self.cache, span=span, causal=True)
         return lm.logits(hidden[:, -1])
 
-    def _capture(self) -> None:
+    def _capture(self, key: str | None, adapter: Adapter | None) -> _Graph:
+        """A graph of the step as the model now is (``adapter`` active), kept under ``key``; the least recently
+        used graph goes when more than :data:`GRAPHS_KEPT` would be kept."""
+        stale = [key] if key in self._graphs else list(self._graphs)[: max(0, len(self._graphs) + 1 - GRAPHS_KEPT)]
+        self._drop_graphs(stale)
         # A step is idempotent (it rewrites the same cache slot), so warming up on the live state is harmless.
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -147,9 +172,17 @@ class TextDecoder:
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # the image lane runs on meanwhile
-            self._logits = self._forward()
-        self._graph = graph
-        logger.info("captured the decode step as a CUDA graph for %d cache positions", self.cache.capacity)
+            logits = self._forward()
+        entry = self._graphs[key] = _Graph(graph, logits, adapter)
+        logger.info("captured the decode step as a CUDA graph for %d cache positions%s", self.cache.capacity,
+                    f" with adapter {key}" if key else "")
+        return entry
+
+    def _drop_graphs(self, keys: list[str | None]) -> None:
+        if keys:  # a step run ahead may still be replaying a graph about to be dropped
+            torch.cuda.current_stream(self.device).synchronize()
+        for key in keys:
+            del self._graphs[key]
 
 
 class TextStream:

@@ -110,10 +110,21 @@ class LoRALinear(nn.Linear):
         return torch.addmm(y.flatten(0, -2), h, self.lora_B.to(dtype).t(), alpha=self.scaling).view(y.shape)
 
     def low_rank_update(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """``scaling * B A x`` in ``dtype``; also added on top of fused and FP8 products (core.model.projection)."""
+        """``scaling * B A x`` in ``dtype``."""
         compute = self.compute_dtype or x.dtype
         h = F.linear(F.linear(x.to(compute), self.lora_A.to(compute)), self.lora_B.to(compute))
         return (h * self.scaling).to(dtype)
+
+    def add_low_rank_update_(self, x: Tensor, out: Tensor) -> None:
+        """``out += scaling * B A x`` in place, ``out`` being this layer's columns of a fused or FP8 product
+        (core.model.projection). Two products: the second accumulates into ``out`` (a strided view is fine), so a
+        decoded token spends two kernels per layer on the update, not four."""
+        compute = self.compute_dtype or x.dtype
+        if compute != out.dtype:
+            out += self.low_rank_update(x, out.dtype)
+            return
+        h = F.linear(x, self.lora_A.to(compute)).flatten(0, -2)
+        out.view(-1, out.shape[-1]).addmm_(h, self.lora_B.to(compute).t(), alpha=self.scaling)  # view: never a copy
 
     def extra_repr(self) -> str:
         rank = 0 if self.lora_A is None else self.lora_A.shape[0]

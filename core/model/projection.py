@@ -123,7 +123,7 @@ class Projection:
             out = self.fp8_product(*self.quantize(x.reshape(-1, x.shape[-1])), x.shape[:-1], x.dtype)
         for m, start, stop in zip(linears, self.bounds, self.bounds[1:]):
             if getattr(m, "lora_A", None) is not None:
-                out[..., start:stop] += m.low_rank_update(x, out.dtype)
+                m.add_low_rank_update_(x, out[..., start:stop])
         return out
 
 

@@ -359,10 +359,10 @@ class UniCharacterRuntime:
         loaded = self._adapter(adapter)
         stream = torch.cuda.stream(self._text_stream) if self._text_stream is not None else nullcontext()
         with self._text_turns, stream, torch.inference_mode(), self._gate.holding(loaded):
-            return self._generate_text(context, params, on_text, eager=adapter is not None)
+            return self._generate_text(context, params, on_text, loaded)
 
     def _generate_text(
-        self, context: Sequence[Segment], params: TextParams, on_text: OnText | None, eager: bool
+        self, context: Sequence[Segment], params: TextParams, on_text: OnText | None, adapter: lora.Adapter | None
     ) -> str:
         gen = self._generator(params.seed)
         blocks = self._blocks(context, gen, {})
@@ -379,7 +379,7 @@ class UniCharacterRuntime:
 
         stream = TextStream(self.tokenizer.decode)
         # the loop body runs while the GPU computes the next token (TextDecoder.tokens runs one step ahead)
-        for token in decoder.tokens(sample, params.max_new_tokens, stop=self.tokenizer.special.eos, eager=eager):
+        for token in decoder.tokens(sample, params.max_new_tokens, stop=self.tokenizer.special.eos, adapter=adapter):
             piece = stream.push(token)
             if piece and on_text is not None:
                 on_text(piece)
