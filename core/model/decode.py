@@ -4,7 +4,7 @@ Every input of a step lives in a fixed buffer (token, rope id, write index, key 
 device, so a step has fixed shapes and no host work: on CUDA it is captured once per cache size and replayed,
 which removes the ~700 kernel launches per token that dominate batch-1 decoding. The cache grows in buckets;
 growing drops the graphs. A character's LoRA adapter gets a graph of its own, whose kernels read that adapter's
-factors: run eagerly instead, a step with a rank-64 adapter took 49 ms on an H200, against 7.3 ms replayed (the
+factors: run eagerly instead, a step with a rank-64 adapter took 33-49 ms on an H200, against 6.1 ms replayed (the
 base model's: 4.7 ms; bench/RESULTS.md). The base model's graph and those of the last adapters used are kept.
 
 ``TextDecoder.tokens`` runs one step ahead of its caller: step t+1 is launched, fed the sampled token still on the

@@ -353,6 +353,12 @@ class Qwen2MoTModel(nn.Module):
             if projection.fp8 is None:
                 projection.to_fp8(linears)
 
+    def stack_lora(self) -> None:
+        """Stack the active adapter's A factors per fused projection (``Projection.stack_lora``); call after each
+        adapter activation, with no forward pass running."""
+        for projection, linears in self._projections(EXPERTS):
+            projection.stack_lora(linears)
+
     def _projections(self, experts: tuple[str, ...]) -> list[tuple[Projection, list[nn.Module]]]:
         """Each fused projection of ``experts`` with its member linears."""
         return [

@@ -62,7 +62,10 @@ ALL_TARGETS: tuple[str, ...] = (
     _LAYER + r"self_attn\.[qkvo]_proj(_moe_gen)?",
     _LAYER + r"mlp(_moe_gen)?\.(gate|up|down)_proj",
 )
-GEN_TARGETS: tuple[str, ...] = (_LAYER + r"self_attn\.[qkvo]_proj_moe_gen", _LAYER + r"mlp_moe_gen\.(gate|up|down)_proj")
+GEN_TARGETS: tuple[str, ...] = (
+    _LAYER + r"self_attn\.[qkvo]_proj_moe_gen",
+    _LAYER + r"mlp_moe_gen\.(gate|up|down)_proj",
+)
 
 
 class AdapterError(ValueError):
@@ -80,6 +83,7 @@ class LoRALinear(nn.Linear):
         self.lora_B: Tensor | None = None  # [out, r]
         self.scaling = 0.0
         self.adapter_id: str | None = None
+        self.adapter: Adapter | None = None  # the loaded adapter the factors belong to (None: none, or training)
         # dtype of the low-rank products; None: the input's (fp32 master factors are cast per forward, as autocast
         # does: bf16 tensor-core products instead of fp32 ones on a bf16 base). float32 keeps the whole path in fp32.
         self.compute_dtype: torch.dtype | None = None
@@ -92,11 +96,12 @@ class LoRALinear(nn.Linear):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=self.weight.device, dtype=dtype))
         self.scaling, self.adapter_id = alpha / rank, "training"
 
-    def set_factors(self, a: Tensor | None, b: Tensor | None, scaling: float, adapter_id: str | None) -> None:
-        """Point at another adapter's factors (frozen, by reference) or at none."""
+    def set_factors(self, a: Tensor | None, b: Tensor | None, scaling: float, adapter: Adapter | None) -> None:
+        """Point at ``adapter``'s factors for this layer (frozen, by reference) or at none."""
         self._parameters.pop("lora_A", None)
         self._parameters.pop("lora_B", None)
-        self.lora_A, self.lora_B, self.scaling, self.adapter_id = a, b, scaling, adapter_id
+        self.lora_A, self.lora_B, self.scaling, self.adapter = a, b, scaling, adapter
+        self.adapter_id = adapter.id if adapter is not None else None
 
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.weight, self.bias)
@@ -115,16 +120,21 @@ class LoRALinear(nn.Linear):
         h = F.linear(F.linear(x.to(compute), self.lora_A.to(compute)), self.lora_B.to(compute))
         return (h * self.scaling).to(dtype)
 
-    def add_low_rank_update_(self, x: Tensor, out: Tensor) -> None:
+    def accumulates_in(self, dtype: torch.dtype, x: Tensor) -> bool:
+        """Whether :meth:`add_low_rank_update_` can add into a ``dtype`` output directly (no float32 detour)."""
+        return (self.compute_dtype or x.dtype) == dtype
+
+    def add_low_rank_update_(self, x: Tensor, out: Tensor, ax: Tensor | None = None) -> None:
         """``out += scaling * B A x`` in place, ``out`` being this layer's columns of a fused or FP8 product
-        (core.model.projection). Two products: the second accumulates into ``out`` (a strided view is fine), so a
-        decoded token spends two kernels per layer on the update, not four."""
-        compute = self.compute_dtype or x.dtype
-        if compute != out.dtype:
+        (core.model.projection). The second product accumulates into ``out`` (a strided view is fine), so a decoded
+        token spends at most two kernels per layer on the update, not four. ``ax``: ``A x`` as ``[tokens, r]``, where
+        the caller made it together with other layers'."""
+        if not self.accumulates_in(out.dtype, x):
             out += self.low_rank_update(x, out.dtype)
             return
-        h = F.linear(x, self.lora_A.to(compute)).flatten(0, -2)
-        out.view(-1, out.shape[-1]).addmm_(h, self.lora_B.to(compute).t(), alpha=self.scaling)  # view: never a copy
+        if ax is None:
+            ax = F.linear(x, self.lora_A.to(x.dtype)).flatten(0, -2)
+        out.view(-1, out.shape[-1]).addmm_(ax, self.lora_B.to(x.dtype).t(), alpha=self.scaling)  # view: never a copy
 
     def extra_repr(self) -> str:
         rank = 0 if self.lora_A is None else self.lora_A.shape[0]
@@ -180,6 +190,9 @@ class Adapter:
     id: str
     meta: AdapterMeta
     factors: dict[str, tuple[Tensor, Tensor]] = field(repr=False)
+    # the A factors of a fused projection's layers stacked, by projection (core.model.projection.Projection.stack_lora),
+    # kept here because a decode graph captured with this adapter reads them for as long as it lives
+    stacked: dict[int, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def scaling(self) -> float:
@@ -299,7 +312,7 @@ def activate(model: nn.Module, adapter: Adapter) -> None:
         a, b = adapter.factors.get(name, (None, None))
         if a is not None and (a.shape[1], b.shape[0]) != (module.in_features, module.out_features):
             raise AdapterError(f"adapter {adapter.id}: {name} has shape {tuple(b.shape)}x{tuple(a.shape)}")
-        module.set_factors(a, b, adapter.scaling, adapter.id if a is not None else None)
+        module.set_factors(a, b, adapter.scaling, adapter if a is not None else None)
 
 
 def deactivate(model: nn.Module) -> None:

@@ -333,6 +333,9 @@ class UniCharacterRuntime:
             lora.attach_lora(self.model, rank=None)  # serving wrappers: no factors until one is activated
             self._lora_attached = True
         lora.activate(self.model, adapter)
+        self.model.language_model.model.stack_lora()
+        if self.device.type == "cuda":  # stacked on this lane's stream: done before either lane reads them
+            torch.cuda.current_stream(self.device).synchronize()
 
     @contextmanager
     def _image_turn(self, adapter: lora.Adapter | None) -> Iterator[None]:

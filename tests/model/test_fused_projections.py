@@ -138,3 +138,29 @@ def test_fp8_generation_expert_leaves_text_exact_and_images_close(tiny_dir: Path
 def test_fp8_needs_the_fused_projections(tiny_dir: Path) -> None:
     with pytest.raises(RuntimeError, match="fuse_projections"):
         _fresh(tiny_dir).language_model.model.generation_expert_to_fp8()
+
+
+def test_a_loaded_adapter_gives_the_plain_results_through_stacked_factors(tiny_dir: Path) -> None:
+    """A served adapter on the fused path, its A factors stacked per projection, equals it on the plain modules."""
+    plain, fused = _fresh(tiny_dir), _fresh(tiny_dir)
+    fused.language_model.model.fuse_projections()
+    g = torch.Generator().manual_seed(3)
+    for model in (plain, fused):
+        lora.attach_lora(model, rank=None)
+    factors = {
+        name: (torch.randn(2, m.in_features, generator=g) * 0.3, torch.randn(m.out_features, 2, generator=g) * 0.3)
+        for name, m in lora.lora_modules(plain).items()
+    }
+    adapter = lora.Adapter("test@1", lora.AdapterMeta(base_model_hash="x", rank=2, alpha=4.0), factors)
+    hidden = plain.cfg.llm.hidden_size
+    for model in (plain, fused):
+        lora.activate(model, adapter)
+    fused.language_model.model.stack_lora()
+
+    assert len(adapter.stacked) == 4 * plain.cfg.llm.num_hidden_layers  # Q/K/V and gate/up of both experts
+    for ours, ref in zip(_mixed_and_text(fused.language_model.model, hidden),
+                         _mixed_and_text(plain.language_model.model, hidden), strict=True):
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)  # float32 sums in another order
+    lora.deactivate(plain)
+    base = _mixed_and_text(plain.language_model.model, hidden)
+    assert _relative_error(_mixed_and_text(fused.language_model.model, hidden)[0], base[0]) > 1e-3  # it mattered
