@@ -317,6 +317,8 @@ class UniCharacterRuntime:
                 return cached
             base = lora.base_model_hash(self.model_dir) if self.model_dir is not None else None
             adapter = lora.load_adapter(p, device=self.device, dtype=self.dtype, base_model_hash=base)
+            if self.device.type == "cuda":  # copied on this thread's stream; either lane may read the factors next
+                torch.cuda.current_stream(self.device).synchronize()
             self._adapters[str(p)] = adapter
             self._adapters.move_to_end(str(p))
             while len(self._adapters) > ADAPTER_LRU_SIZE:
