@@ -11,6 +11,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, TextIO
@@ -30,6 +31,7 @@ from core.jobs import (
     TextDelta,
 )
 from core.media import FileStore
+from core.queue import position
 from core.streams import follow_sync
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ class ConsoleFrontend:
     out: TextIO
     user: str = "local"
     idle_timeout_s: float | None = None  # give up following a job after this long without an event
+    quiet_s: float = 3.0  # a job silent this long: say where it waits (a worker still starting, a busy GPU)
     _sent: int = 0
     _shown: tuple[str, int] | None = None  # the last progress shown, to skip repeats
     _stage_start: tuple[str, float, int] | None = None  # (stage, monotonic time, step) of its first event
@@ -99,19 +102,35 @@ class ConsoleFrontend:
         """Render the job's events until it is done or failed, then the reply's scene picture when one follows."""
         self._write(f"{queued.character}: ")
         self._shown = self._stage_start = None
-        if queued.position and queued.position > 1:
-            self._status(f"[{queued.position - 1} ahead of you in the queue]")
+        if queued.position and queued.position > 1:  # next in line is the usual case: nothing to say yet
+            self._progress(Progress(stage="queued", position=queued.position))
         job_ids = [queued.job_id]
         for job_id in job_ids:
+            for event in self._events(job_id):
+                if isinstance(event, ImageFollows):
+                    job_ids.append(event.job_id)
+                self.render(job_id, event)
+
+    def _events(self, job_id: int) -> Iterator[JobEvent]:
+        """The job's events until it ends. While its stream is quiet, its place in the queue (from the job rows,
+        as the bots show it) every ``quiet_s``; after ``idle_timeout_s`` of quiet, a note, and no more."""
+        last_id, quiet = "0", 0.0
+        wait = self.quiet_s if self.idle_timeout_s is None else min(self.quiet_s, self.idle_timeout_s)
+        while True:
             try:
-                for _entry_id, event in follow_sync(
-                    self.redis, self.installation, job_id, idle_timeout_s=self.idle_timeout_s
-                ):
-                    if isinstance(event, ImageFollows):
-                        job_ids.append(event.job_id)
-                    self.render(job_id, event)
+                for entry_id, event in follow_sync(self.redis, self.installation, job_id, last_id, wait):
+                    last_id, quiet = entry_id, 0.0  # after a quiet spell, read on from here
+                    yield event
+                return
             except TimeoutError:
+                quiet += wait
+            if self.idle_timeout_s is not None and quiet >= self.idle_timeout_s:
                 self._status(f"! No word from the workers about request #{job_id}; /status shows where it is.")
+                return
+            with self.service.sessionmaker() as session:
+                place = position(session, job_id)
+            if place is not None:
+                self._progress(Progress(stage="queued", position=place))
 
     def render(self, job_id: int, event: JobEvent) -> None:
         """One event on the terminal."""
@@ -136,7 +155,8 @@ class ConsoleFrontend:
             return
         if event.stage == "queued" and event.position is not None:
             shown: tuple[str, int] = ("queued", event.position)
-            text = f"[{max(event.position - 1, 0)} ahead of you in the queue]"
+            ahead = event.position - 1
+            text = f"[{ahead} ahead of you in the queue]" if ahead > 0 else "[next in the queue]"
         elif event.total:
             percent = 100 * event.step // event.total
             shown = (event.stage, percent // 10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,12 @@ from PIL import Image
 from sqlalchemy import select
 
 from bots.console import ConsoleFrontend, run_console
-from core.chat import JobQueued
+from core.chat import ChatService, JobQueued
+from core.db.installation import installation_token
 from core.db.models import Character, Job, Message
+from core.db.repositories import insert_job
 from core.jobs import Done, ImageReady, JobKind, JobState, Progress, TextDelta
+from core.media import FileStore
 from core.streams import publish
 from tests.conftest import STREAM_DB, count_rows, redis_db
 from tests.doubles import EchoModel
@@ -107,7 +111,29 @@ def test_queue_position_is_shown(console: ConsoleFrontend) -> None:
         publish(console.redis, console.installation, job_id, event)
     console.follow(JobQueued(job_id, JobKind.CHAT, position=4, character="Alice"))
     out = _output(console)
-    assert out.index("[3 ahead of you in the queue]") < out.index("[2 ahead") < out.index("[0 ahead") < out.index("hi")
+    assert out.index("[3 ahead of you in the queue]") < out.index("[2 ahead") < out.index("[next in the queue]") < (
+        out.index("hi")
+    )
+
+
+def test_a_quiet_job_shows_its_place_in_the_queue(settings, sessionmaker, redis_client, tmp_path: Path) -> None:
+    """No worker has taken the job yet (one still loading its model, say): the console says where it waits, from
+    the job rows, once, then renders the reply when it comes."""
+    with sessionmaker.begin() as session:
+        waiting = insert_job(session, JobKind.CHAT, None)  # a row only: never dispatched
+    store = FileStore(settings.files_dir)
+    installation = installation_token(sessionmaker)
+    console = ConsoleFrontend(
+        service=ChatService(sessionmaker, settings, lambda *job: None, store), redis=redis_client,
+        installation=installation, store=store, image_dir=tmp_path / "images", out=io.StringIO(), quiet_s=0.2,
+    )
+    reply = threading.Timer(1.0, lambda: [
+        publish(redis_client, installation, waiting, event) for event in (TextDelta("at last"), Done(1))
+    ])
+    reply.start()
+    console.follow(JobQueued(waiting, JobKind.CHAT, position=1, character="Alice"))
+    reply.join()
+    assert _output(console) == "Alice: \n[next in the queue]\nat last\n"
 
 
 def test_the_time_left_reads_as_the_bots_say_it(console: ConsoleFrontend) -> None:
