@@ -12,6 +12,8 @@ shared/BENCHMARKS.md measures the official code:
 - images with the generation expert in bf16 and then in FP8 (``--image-fp8 compare``, the bench's default), with
   the FP8 error: one guided velocity of the first step (same inputs) against bf16, and the
   PSNR of the finished image against the bf16 one of the same seed (random weights make that a worst case);
+- decode with a character's LoRA adapter (rank 64 on every target, as training writes one; random factors),
+  through its own CUDA graph as ``generate_text`` decodes with one, and step by step as a same-card baseline;
 - peak GPU memory (weights, then the peaks of image and text work).
 Prints a table last and writes JSON. ``--tiny`` runs the same code on the tiny config on the CPU (a smoke test);
 ``--text-only`` skips images (and the steps without a graph).
@@ -27,9 +29,12 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from core.model import lora
 from core.model.api import ImageContexts, ImageParams, TextSegment
 from core.model.config import BagelConfig, full_size_config
 from core.model.decode import TextStream
@@ -51,6 +57,7 @@ PROMPT = "A photograph of a cat sitting on a red chair in a sunny coffee shop, w
 IMAGE = ImageParams(width=1024, height=1024, num_timesteps=50, timestep_shift=3.0, cfg_text_scale=4.0,
                     cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), cfg_renorm_type="global", seed=0)
 PROMPT_TOKENS, NEW_TOKENS = 512, 256
+ADAPTER_RANK = 64  # what the /newcharacter training writes (training/sft.py)
 GIB = 2**30
 
 
@@ -144,10 +151,10 @@ def prompt_ids(rt: UniCharacterRuntime, tokens: int) -> list[int]:
     return [special.bos, *ids[: tokens - 2], special.eos]
 
 
-def pipelined(rt: UniCharacterRuntime, new_tokens: int) -> None:
+def pipelined(rt: UniCharacterRuntime, new_tokens: int, adapter: lora.Adapter | None = None) -> None:
     """Greedy steps as ``generate_text`` runs them: one step ahead, detokenised by a ``TextStream``, streamed."""
     stream, pieces = TextStream(rt.tokenizer.decode), []
-    for token in rt._decoder.tokens(lambda logits: logits.argmax(dim=-1), new_tokens, stop=None):
+    for token in rt._decoder.tokens(lambda logits: logits.argmax(dim=-1), new_tokens, stop=None, adapter=adapter):
         piece = stream.push(token)
         if piece:
             pieces.append(piece)
@@ -199,6 +206,24 @@ def text_bench(rt: UniCharacterRuntime, new_tokens: int,
             "new_tokens": new_tokens, "decode_s": decode_s, "decode_tok_s": new_tokens / decode_s,
             "ms_per_token": 1000 * decode_s / new_tokens, "first_decode_run_s": first_s,
             "peak_gib": _peak_gib(rt.device)}
+
+
+@contextmanager
+def random_adapter(rt: UniCharacterRuntime, rank: int = ADAPTER_RANK) -> Iterator[lora.Adapter]:
+    """A random adapter on every LoRA target of ``rt``'s model, written and loaded as a character's is, and active
+    on the layers (through the runtime's gate) while the block runs."""
+    patterns = [re.compile(t) for t in lora.ALL_TARGETS]
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, module in rt.model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(p.fullmatch(name) for p in patterns):
+            tensors[f"{name}.lora_A"] = (torch.randn(rank, module.in_features, generator=gen) * 0.01).to(rt.dtype)
+            tensors[f"{name}.lora_B"] = (torch.randn(module.out_features, rank, generator=gen) * 0.01).to(rt.dtype)
+    with tempfile.TemporaryDirectory() as folder:
+        meta = lora.AdapterMeta(base_model_hash="random", rank=rank, alpha=2.0 * rank)
+        adapter = rt._adapter(str(lora.save_adapter(Path(folder) / "adapter.safetensors", tensors, meta)))
+        with torch.inference_mode(), rt._gate.holding(adapter):
+            yield adapter
 
 
 def profile_image(rt: UniCharacterRuntime, params: ImageParams, path: Path) -> str:
@@ -302,6 +327,13 @@ def main() -> None:
             record("image", "fp8", figures)
     for name, loop in DECODE_LOOPS.items():
         record("text", name, text_bench(rt, new_tokens, loop))
+    with random_adapter(rt) as adapter:
+        record("text", f"rank-{ADAPTER_RANK} adapter, its graph (generate_text)",
+               text_bench(rt, new_tokens, lambda rt, n: pipelined(rt, n, adapter)))
+        graphs, rt._decoder.use_graphs = rt._decoder.use_graphs, False  # the baseline: how it decoded before
+        record("text", f"rank-{ADAPTER_RANK} adapter, step by step", text_bench(rt, new_tokens,
+               lambda rt, n: pipelined(rt, n, adapter)))
+        rt._decoder.use_graphs = graphs
     if rt.device.type == "cuda" and not args.text_only:
         record("text", "steps without CUDA graph", text_bench(variant(rt, cuda_graphs=False), new_tokens))
     if args.profile:

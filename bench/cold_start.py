@@ -1,0 +1,89 @@
+"""What the first users after a worker starts wait for: each kind of request run twice in a fresh process, the
+first time against the second, with or without the worker's warm-up (``core.model.warmup``) before them.
+
+The first run of a request pays for what the runtime compiles (``torch.compile``'s kernels, and again when a
+second length makes them dynamic) and captures (the decode step's CUDA graph). For a new deployment's case, point
+the compile caches at empty folders: ``TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TRITON_CACHE_DIR=$(mktemp -d)``.
+Full-size BAGEL-7B-MoT with random bf16 weights on the GPU (``--tiny``: the tiny model on the CPU, a smoke test).
+
+Usage: python -m bench.cold_start [--warm-up] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.model_bench import build
+from core.model.api import ImageContexts, ImageParams, ImageSegment, TextParams, TextSegment
+from core.model.runtime import UniCharacterRuntime
+from core.model.warmup import warm_up
+
+WORDS = "the quick brown fox jumps over a lazy dog near the river bank at dawn".split()
+
+
+def _text(words: int) -> str:
+    return " ".join(WORDS[i % len(WORDS)] for i in range(words))
+
+
+def _photo(width: int, height: int, seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def requests(rt: UniCharacterRuntime, side: int) -> dict[str, Callable[[], object]]:
+    """Users' requests, of other lengths and sizes than the warm-up's own: replies (32 tokens), a question about a
+    picture, a ``side``-pixel picture and a scene with a reference image (5 denoising steps each)."""
+    reply = TextParams(max_new_tokens=32, temperature=0.0)
+    picture = ImageParams(width=side, height=side, num_timesteps=6, seed=0)
+    reference = _photo(480, 600, 1)
+    scene = ImageContexts(
+        cond=[ImageSegment(reference, vit=True, vae=True), TextSegment(_text(150))],
+        text_uncond=[ImageSegment(reference, vit=True, vae=True)],
+        image_uncond=[TextSegment(_text(150))],
+    )
+    return {
+        "reply after ~300 words": lambda: rt.generate_text([TextSegment(_text(300))], reply),
+        "reply after ~900 words": lambda: rt.generate_text([TextSegment(_text(900))], reply),
+        "question about a 480x600 picture": lambda: rt.generate_text(
+            [ImageSegment(_photo(480, 600, 0)), TextSegment("What is in this picture?")], reply
+        ),
+        f"{side}x{side} picture, 5 steps": lambda: rt.generate_image(
+            ImageContexts(cond=[TextSegment(_text(20))]), picture
+        ),
+        "scene with a reference image, 5 steps": lambda: rt.generate_image(scene, picture),
+    }
+
+
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--warm-up", action="store_true", help="run core.model.warmup first, as a worker does")
+    parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: a smoke test")
+    args = parser.parse_args()
+    rt = build(args.tiny, compile_kernels=None, image_fp8=False)
+    side = 64 if args.tiny else 1024
+    card = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu"
+    if args.warm_up:
+        seconds = warm_up(rt, side, side)
+        print(f"warm-up: {sum(seconds.values()):.2f} s ({', '.join(f'{k} {s:.2f} s' for k, s in seconds.items())})")
+    print(f"| request ({card}) | first run, s | second run, s |\n|---|---|---|")
+    for name, request in requests(rt, side).items():
+        first, second = _seconds(request, rt.device), _seconds(request, rt.device)
+        print(f"| {name} | {first:.2f} | {second:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
