@@ -12,14 +12,13 @@ Usage: python -m bench.cold_start [--warm-up] [--tiny]
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
-from bench.model_bench import build
+from bench.model_bench import build, timed
 from core.model.api import ImageContexts, ImageParams, ImageSegment, TextParams, TextSegment
 from core.model.runtime import UniCharacterRuntime
 from core.model.warmup import warm_up
@@ -60,14 +59,6 @@ def requests(rt: UniCharacterRuntime, side: int) -> dict[str, Callable[[], objec
     }
 
 
-def _seconds(fn: Callable[[], object], device: torch.device) -> float:
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warm-up", action="store_true", help="run core.model.warmup first, as a worker does")
@@ -81,7 +72,7 @@ def main() -> None:
         print(f"warm-up: {sum(seconds.values()):.2f} s ({', '.join(f'{k} {s:.2f} s' for k, s in seconds.items())})")
     print(f"| request ({card}) | first run, s | second run, s |\n|---|---|---|")
     for name, request in requests(rt, side).items():
-        first, second = _seconds(request, rt.device), _seconds(request, rt.device)
+        (first, _), (second, _) = timed(request, rt.device), timed(request, rt.device)
         print(f"| {name} | {first:.2f} | {second:.2f} |", flush=True)
 
 

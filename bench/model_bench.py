@@ -29,7 +29,6 @@ import dataclasses
 import json
 import logging
 import math
-import re
 import statistics
 import tempfile
 import time
@@ -48,7 +47,7 @@ from core.model.config import BagelConfig, full_size_config
 from core.model.decode import TextStream
 from core.model.flow import guidance_active, timestep_schedule
 from core.model.runtime import UniCharacterRuntime, _TextBlock
-from core.model.tiny import TINY_LLM, TINY_VIT
+from core.model.tiny import TINY_LLM, TINY_VIT, random_lora_factors
 from unichar.arguments import at_least
 
 logger = logging.getLogger(__name__)
@@ -212,13 +211,7 @@ def text_bench(rt: UniCharacterRuntime, new_tokens: int,
 def random_adapter(rt: UniCharacterRuntime, rank: int = ADAPTER_RANK) -> Iterator[lora.Adapter]:
     """A random adapter on every LoRA target of ``rt``'s model, written and loaded as a character's is, and active
     on the layers (through the runtime's gate) while the block runs."""
-    patterns = [re.compile(t) for t in lora.ALL_TARGETS]
-    gen = torch.Generator().manual_seed(0)
-    tensors = {}
-    for name, module in rt.model.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(p.fullmatch(name) for p in patterns):
-            tensors[f"{name}.lora_A"] = (torch.randn(rank, module.in_features, generator=gen) * 0.01).to(rt.dtype)
-            tensors[f"{name}.lora_B"] = (torch.randn(module.out_features, rank, generator=gen) * 0.01).to(rt.dtype)
+    tensors = random_lora_factors(rt.model, rank, scale=0.01, dtype=rt.dtype)
     with tempfile.TemporaryDirectory() as folder:
         meta = lora.AdapterMeta(base_model_hash="random", rank=rank, alpha=2.0 * rank)
         adapter = rt._adapter(str(lora.save_adapter(Path(folder) / "adapter.safetensors", tensors, meta)))

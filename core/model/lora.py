@@ -52,6 +52,7 @@ __all__ = [
     "lora_state_dict",
     "read_meta",
     "save_adapter",
+    "targeted_linears",
     "using_adapter",
 ]
 
@@ -203,7 +204,8 @@ class Adapter:
         return sum(a.nbytes + b.nbytes for a, b in self.factors.values())
 
 
-def _targeted(model: nn.Module, targets: Iterable[str]) -> Iterator[tuple[str, nn.Linear]]:
+def targeted_linears(model: nn.Module, targets: Iterable[str] = ALL_TARGETS) -> Iterator[tuple[str, nn.Linear]]:
+    """The linears of ``model`` (wrapped or not) whose qualified names match ``targets``, with their names."""
     patterns = [re.compile(t) for t in targets]
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and any(p.fullmatch(name) for p in patterns):
@@ -222,7 +224,7 @@ def attach_lora(
     """Wrap the targeted linears in place; with ``rank`` they get fresh trainable factors, else none (serving)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     names = []
-    for name, module in list(_targeted(model, targets)):
+    for name, module in list(targeted_linears(model, targets)):
         wrapped = module if isinstance(module, LoRALinear) else LoRALinear(module)
         if rank is not None:
             wrapped.init_trainable(rank, alpha, dtype, generator if wrapped.weight.device.type == "cpu" else None)

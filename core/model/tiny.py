@@ -26,13 +26,14 @@ from tokenizers import (
 )
 from torch import nn
 
+from core.model import lora
 from core.model.bagel import Bagel, init_random_
 from core.model.config import BagelConfig, LLMConfig
 from core.model.tokenizer import BagelTokenizer
 from core.model.vae import AutoEncoder, AutoEncoderParams
 from core.model.vit import SiglipVisionConfig
 
-__all__ = ["TINY_LLM", "TINY_VIT", "random_vae", "tiny_tokenizer", "write_tiny_model"]
+__all__ = ["TINY_LLM", "TINY_VIT", "random_lora_factors", "random_vae", "tiny_tokenizer", "write_tiny_model"]
 
 TINY_LLM = LLMConfig(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -141,6 +142,19 @@ def random_vae(params: AutoEncoderParams, seed: int = 0, device: torch.device | 
             module.weight.fill_(1.0)
             module.bias.zero_()
     return vae.requires_grad_(False).eval()
+
+
+def random_lora_factors(
+    model: nn.Module, rank: int, *, seed: int = 0, scale: float = 1.0, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Seeded random LoRA factors on every target of ``model``, named as an adapter file holds them
+    (``<module>.lora_A`` ``[rank, in]``, ``<module>.lora_B`` ``[out, rank]``), for tests and benchmarks."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in lora.targeted_linears(model):
+        tensors[f"{name}.lora_A"] = (torch.randn(rank, module.in_features, generator=gen) * scale).to(dtype)
+        tensors[f"{name}.lora_B"] = (torch.randn(module.out_features, rank, generator=gen) * scale).to(dtype)
+    return tensors
 
 
 def write_tiny_model(directory: Path, seed: int = 0) -> Path:
