@@ -14,6 +14,7 @@ shared/BENCHMARKS.md measures the official code:
   PSNR of the finished image against the bf16 one of the same seed (random weights make that a worst case);
 - decode with a character's LoRA adapter (rank 64 on every target, as training writes one; random factors),
   through its own CUDA graph as ``generate_text`` decodes with one, and step by step as a same-card baseline;
+  the image (in the last image row's arithmetic) with the same adapter;
 - peak GPU memory (weights, then the peaks of image and text work).
 Prints a table last and writes JSON. ``--tiny`` runs the same code on the tiny config on the CPU (a smoke test);
 ``--text-only`` skips images (and the steps without a graph).
@@ -81,17 +82,19 @@ def llm_passes(params: ImageParams) -> int:
     return sum(guided if guidance_active(t, params.cfg_interval) else 1 for t in ts)
 
 
-def image_bench(rt: UniCharacterRuntime, params: ImageParams, runs: int) -> tuple[dict[str, Any], Image.Image]:
-    """Warm up on the same shapes (8 steps: guided and unguided ones), then time ``runs`` full images; returns the
-    figures and the last image."""
+def image_bench(
+    rt: UniCharacterRuntime, params: ImageParams, runs: int, adapter: str | None = None
+) -> tuple[dict[str, Any], Image.Image]:
+    """Warm up on the same shapes (8 steps: guided and unguided ones), then time ``runs`` full images (with the
+    adapter file ``adapter``, if given); returns the figures and the last image."""
     contexts = ImageContexts(cond=[TextSegment(PROMPT)])
     warm = dataclasses.replace(params, num_timesteps=8)
-    timed(lambda: rt.generate_image(contexts, warm), rt.device)
+    timed(lambda: rt.generate_image(contexts, warm, adapter=adapter), rt.device)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(rt.device)
     seconds, image = [], None
     for _ in range(runs):
-        s, image = timed(lambda: rt.generate_image(contexts, params), rt.device)
+        s, image = timed(lambda: rt.generate_image(contexts, params, adapter=adapter), rt.device)
         seconds.append(s)
     passes = llm_passes(params)
     best = min(seconds)
@@ -208,15 +211,16 @@ def text_bench(rt: UniCharacterRuntime, new_tokens: int,
 
 
 @contextmanager
-def random_adapter(rt: UniCharacterRuntime, rank: int = ADAPTER_RANK) -> Iterator[lora.Adapter]:
+def random_adapter(rt: UniCharacterRuntime, rank: int = ADAPTER_RANK) -> Iterator[tuple[str, lora.Adapter]]:
     """A random adapter on every LoRA target of ``rt``'s model, written and loaded as a character's is, and active
-    on the layers (through the runtime's gate) while the block runs."""
+    on the layers (through the runtime's gate) while the block runs; yields its file and the loaded adapter."""
     tensors = random_lora_factors(rt.model, rank, scale=0.01, dtype=rt.dtype)
     with tempfile.TemporaryDirectory() as folder:
         meta = lora.AdapterMeta(base_model_hash="random", rank=rank, alpha=2.0 * rank)
-        adapter = rt._adapter(str(lora.save_adapter(Path(folder) / "adapter.safetensors", tensors, meta)))
+        path = str(lora.save_adapter(Path(folder) / "adapter.safetensors", tensors, meta))
+        adapter = rt._adapter(path)
         with torch.inference_mode(), rt._gate.holding(adapter):
-            yield adapter
+            yield path, adapter
 
 
 def profile_image(rt: UniCharacterRuntime, params: ImageParams, path: Path) -> str:
@@ -320,7 +324,11 @@ def main() -> None:
             record("image", "fp8", figures)
     for name, loop in DECODE_LOOPS.items():
         record("text", name, text_bench(rt, new_tokens, loop))
-    with random_adapter(rt) as adapter:
+    with random_adapter(rt) as (path, adapter):
+        if not args.text_only:
+            arithmetic = "bf16" if args.image_fp8 == "off" else "fp8"
+            record("image", f"{arithmetic}, rank-{ADAPTER_RANK} adapter",
+                   image_bench(rt, image, args.runs, adapter=path)[0])
         record("text", f"rank-{ADAPTER_RANK} adapter, its graph (generate_text)",
                text_bench(rt, new_tokens, lambda rt, n: pipelined(rt, n, adapter)))
         graphs, rt._decoder.use_graphs = rt._decoder.use_graphs, False  # the baseline: how it decoded before

@@ -4,8 +4,9 @@ Notable:
 - :class:`Projection` stores several linears that read the same input (Q/K/V; gate/up) in one tensor whose row
   slices ARE the checkpoint's Parameters: one matrix product instead of three or two, names and strict loading
   unchanged. A single linear (o, down) shares its weight as is.
-- An active LoRA update is accumulated into the base product's output, so adapters keep the fused (and FP8) path;
-  a loaded adapter's A factors are stacked per projection, one ``A x`` product for all its members.
+- An active LoRA update is accumulated into the base product's output (gate/up's is written first and the base
+  product accumulates into it), so adapters keep the fused (and FP8) path; a loaded adapter's A factors are
+  stacked per projection, one ``A x`` product for all its members.
 - :meth:`Projection.to_fp8` replaces the weight by an e4m3 copy with one scale per output channel; inputs are then
   quantised per token (row) and multiplied by ``torch._scaled_mm`` with row-wise scales. The generation expert runs
   this way on GPUs with FP8 tensor cores: a 1024x1024 image is ~90 passes of 4,096 latent tokens through it,
@@ -118,33 +119,60 @@ class Projection:
     def __call__(self, x: Tensor, linears: list[nn.Module]) -> Tensor:
         """All members' outputs side by side, each with its active LoRA update (``linears``: the current modules,
         LoRA wrappers included, in the order given at construction)."""
-        if self.fp8 is None:
-            out = F.linear(x, self.weight, self.bias)
-        else:
+        active = self._lora_members(linears)
+        if self.fp8 is not None:
             out = self.fp8_product(*self.quantize(x.reshape(-1, x.shape[-1])), x.shape[:-1], x.dtype)
-        self._add_lora_(x, out, linears)
+        elif active and self._update_first and all(m.accumulates_in(x.dtype, x) for m, _, _ in active):
+            return self._low_rank_then_base(x, active)
+        else:
+            out = F.linear(x, self.weight, self.bias)
+        self._add_lora_(x, out, active)
         return out
 
-    def _add_lora_(self, x: Tensor, out: Tensor, linears: list[nn.Module]) -> None:
-        """Each member's active LoRA update, added into its columns of ``out``; one ``A x`` product for all the
-        members where :meth:`stack_lora` stacked their A factors."""
-        active = self._lora_members(linears)
+    @property
+    def _update_first(self) -> bool:
+        """Whether an active LoRA update is written before the base product, which then accumulates into it
+        (:meth:`_low_rank_then_base`), rather than added after it: for outputs wider than the input and without a
+        bias, i.e. gate/up. Adding gate/up's update afterwards reads and rewrites 620 MB a layer in a guided image
+        step (0.56 ms on an H200, against 0.23 ms to write it first and +0.03 ms in the product that reads it). For
+        down (output 5x narrower than the input) the accumulating product itself got 0.1 ms slower, more than
+        the pass it saves; Q/K/V's bias would take a copy pass of its own."""
+        return self.bias is None and self.weight is not None and self.weight.shape[0] > self.weight.shape[1]
+
+    def _low_rank_then_base(self, x: Tensor, active: list[tuple[nn.Module, int, int]]) -> Tensor:
+        """Each member's scaled ``B A x`` (zero for a member the adapter leaves alone), then the base product
+        accumulated into them in its epilogue, while it is compute-bound."""
+        x2d = x.reshape(-1, x.shape[-1])
+        out = x2d.new_empty(x2d.shape[0], self.weight.shape[0])
+        for (m, start, stop), ax in zip(active, self._low_rank_inputs(x2d, active), strict=True):
+            out[:, start:stop].addmm_(ax, m.lora_B.to(x.dtype).t(), beta=0, alpha=m.scaling)  # beta=0: not read
+        updated = {start for _, start, _ in active}
+        for start, stop in zip(self.bounds[:-1], self.bounds[1:], strict=True):
+            if start not in updated:
+                out[:, start:stop] = 0
+        return out.addmm_(x2d, self.weight.t()).view(*x.shape[:-1], -1)
+
+    def _add_lora_(self, x: Tensor, out: Tensor, active: list[tuple[nn.Module, int, int]]) -> None:
+        """Each active member's LoRA update, added into its columns of ``out`` (an FP8 product's output, or float32
+        factors on a lower-precision model)."""
+        x2d = x.reshape(-1, x.shape[-1])
+        for (m, start, stop), ax in zip(active, self._low_rank_inputs(x2d, active), strict=True):
+            m.add_low_rank_update_(x2d, out[..., start:stop].view(-1, stop - start), ax)
+
+    def _low_rank_inputs(self, x2d: Tensor, active: list[tuple[nn.Module, int, int]]) -> list[Tensor | None]:
+        """Each active member's ``A x`` ``[tokens, r]``: one product for all of them where :meth:`stack_lora`
+        stacked their A factors; None for a member whose update runs in another dtype (it makes its own)."""
+        if not all(m.accumulates_in(x2d.dtype, x2d) for m, _, _ in active):
+            return [None] * len(active)
         stacked = active[0][0].adapter.stacked.get(id(self)) if active and active[0][0].adapter else None
-        if stacked is None or not all(m.accumulates_in(out.dtype, x) for m, _, _ in active):
-            for m, start, stop in active:
-                m.add_low_rank_update_(x, out[..., start:stop])
-            return
-        ax = F.linear(x, stacked.to(x.dtype)).flatten(0, -2)
-        offset = 0
-        for m, start, stop in active:
-            rank = m.lora_A.shape[0]
-            m.add_low_rank_update_(x, out[..., start:stop], ax[:, offset:offset + rank])
-            offset += rank
+        if stacked is None:
+            return [F.linear(x2d, m.lora_A.to(x2d.dtype)) for m, _, _ in active]
+        return list(F.linear(x2d, stacked.to(x2d.dtype)).split([m.lora_A.shape[0] for m, _, _ in active], dim=1))
 
     def stack_lora(self, linears: list[nn.Module]) -> None:
         """Stack the A factors of the members' active adapter, kept with that adapter (a decode graph captured with
-        it reads them), when two or more members have one: a decoded token's Q/K/V update is then four small
-        kernels instead of six, gate/up's three instead of four. Call with no forward pass running."""
+        it reads them), when two or more members have one: one ``A x`` product for all of them instead of one each.
+        Call with no forward pass running."""
         active = self._lora_members(linears)
         adapter = active[0][0].adapter if active else None
         if len(active) > 1 and adapter is not None and all(m.adapter is adapter for m, _, _ in active):
