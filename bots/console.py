@@ -3,7 +3,7 @@
 A line becomes an ``IncomingMessage`` for ``core.chat.ChatService`` (SQL row + Job + Celery task); the reply is
 read back from the job's Redis stream (``core.streams``) and shown as it arrives: text as it streams, the queue
 position while the job waits, an image's progress with percent and ETA, and the image itself saved to
-``settings.console_image_dir`` with its path printed. Input and output are injected streams, so a test drives it.
+``settings.resolved_console_image_dir`` with its path printed. Input and output are injected streams, so a test drives it.
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def run_console(settings: Settings, user: str = "local", lines: TextIO | None = 
         redis=client,
         installation=installation,
         store=store,
-        image_dir=settings.console_image_dir,
+        image_dir=settings.resolved_console_image_dir,
         out=out or sys.stdout,
         user=user,
     )

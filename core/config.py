@@ -180,7 +180,9 @@ class Settings(BaseSettings):
         description="Comma-separated admins as platform:user_id (telegram:123, discord:456, console:local).",
     )
     default_character: str = Field("", description="Character a new user starts with; empty means the first one.")
-    console_image_dir: Path = Field(Path("var/images"), description="Where `unichar chat` saves received images.")
+    console_image_dir: Path | None = Field(
+        None, description="Where `unichar chat` saves received images; empty means `<data_dir>/images`."
+    )
     log_level: str = Field("INFO", description="Logging level of every process.")
 
     @field_validator("admin_ids", "image_banned_words", "image_nsfw_words", mode="before")
@@ -229,6 +231,12 @@ class Settings(BaseSettings):
     def files_dir(self) -> Path:
         """Root of the content-addressed file store (images, adapters)."""
         return self.data_dir / "files"
+
+    @cached_property
+    def resolved_console_image_dir(self) -> Path:
+        """Where the terminal chat saves pictures: the configured folder, or one under data_dir (beside the rest
+        of this installation's data, wherever data_dir points)."""
+        return self.console_image_dir or self.data_dir / "images"
 
     @cached_property
     def resolved_model_dir(self) -> Path:

@@ -188,6 +188,15 @@ def test_memory_export_and_forget_a_user(tmp_path: Path, capsys: pytest.CaptureF
         assert session.query(User).count() == 0
 
 
+def test_every_default_path_follows_the_data_dir(tmp_path: Path) -> None:
+    """Moving data_dir moves the SQLite file, the file store, the tiny model and the terminal chat's pictures."""
+    settings = Settings(data_dir=tmp_path)
+    paths = [Path(settings.sql_url.removeprefix("sqlite:///")), settings.files_dir, settings.resolved_model_dir,
+             settings.resolved_console_image_dir]
+    assert all(path.is_relative_to(tmp_path) for path in paths), paths
+    assert Settings(data_dir=tmp_path, console_image_dir=tmp_path / "x").resolved_console_image_dir == tmp_path / "x"
+
+
 @pytest.mark.parametrize(("value", "cores"), [("", []), ("3", [3]), ("2-3", [2, 3]), ("1, 3,0-1", [0, 1, 3])])
 def test_worker_cpus_take_cores_and_ranges(value: str, cores: list[int]) -> None:
     assert Settings(worker_cpus=value).worker_cpus == cores  # type: ignore[arg-type]
