@@ -3,7 +3,8 @@
 A line becomes an ``IncomingMessage`` for ``core.chat.ChatService`` (SQL row + Job + Celery task); the reply is
 read back from the job's Redis stream (``core.streams``) and shown as it arrives: text as it streams, the queue
 position while the job waits, an image's progress with percent and ETA, and the image itself saved to
-``settings.resolved_console_image_dir`` with its path printed. Input and output are injected streams, so a test drives it.
+``settings.resolved_console_image_dir`` with its path printed. Input and output are injected streams, so a test
+drives it.
 """
 
 from __future__ import annotations
