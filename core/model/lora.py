@@ -199,10 +199,6 @@ class Adapter:
     def scaling(self) -> float:
         return self.meta.alpha / self.meta.rank
 
-    def nbytes(self) -> int:
-        """GPU memory the adapter holds, for an LRU's budget."""
-        return sum(a.nbytes + b.nbytes for a, b in self.factors.values())
-
 
 def targeted_linears(model: nn.Module, targets: Iterable[str] = ALL_TARGETS) -> Iterator[tuple[str, nn.Linear]]:
     """The linears of ``model`` (wrapped or not) whose qualified names match ``targets``, with their names."""

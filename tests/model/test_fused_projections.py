@@ -140,10 +140,9 @@ def test_fp8_needs_the_fused_projections(tiny_dir: Path) -> None:
         _fresh(tiny_dir).language_model.model.generation_expert_to_fp8()
 
 
-@pytest.mark.parametrize("layers", ["all", "some"])
-def test_a_loaded_adapter_gives_the_plain_results_on_the_fused_path(tiny_dir: Path, layers: str) -> None:
-    """A served adapter on the fused path (its update first, the base product accumulated into it; A factors stacked
-    per projection) equals it on the plain modules, also when it leaves some members of a projection alone."""
+def _adapted_pair(tiny_dir: Path, layers: str) -> tuple[Bagel, Bagel, lora.Adapter]:
+    """The plain and the fused model with the same random adapter active (``layers``: on every target, or on some
+    members of some projections), the fused one's A factors stacked."""
     plain, fused = _fresh(tiny_dir), _fresh(tiny_dir)
     fused.language_model.model.fuse_projections()
     g = torch.Generator().manual_seed(3)
@@ -155,11 +154,19 @@ def test_a_loaded_adapter_gives_the_plain_results_on_the_fused_path(tiny_dir: Pa
         if layers == "all" or name.endswith(("k_proj", "v_proj_moe_gen", "up_proj", "o_proj"))
     }
     adapter = lora.Adapter("test@1", lora.AdapterMeta(base_model_hash="x", rank=2, alpha=4.0), factors)
-    hidden = plain.cfg.llm.hidden_size
     for model in (plain, fused):
         lora.activate(model, adapter)
     fused.language_model.model.stack_lora()
+    return plain, fused, adapter
 
+
+@pytest.mark.parametrize("layers", ["all", "some"])
+def test_a_loaded_adapter_gives_the_plain_results_on_the_fused_path(tiny_dir: Path, layers: str) -> None:
+    """A served adapter on the fused path (its A factors stacked per projection; gate/up's update first, the base
+    product accumulated into it) equals it on the plain modules, also when it leaves some members of a projection
+    alone."""
+    plain, fused, adapter = _adapted_pair(tiny_dir, layers)
+    hidden = plain.cfg.llm.hidden_size
     stacked = {"all": 4, "some": 0}[layers]  # Q/K/V and gate/up of both experts, where 2+ members have factors
     assert len(adapter.stacked) == stacked * plain.cfg.llm.num_hidden_layers
     for ours, ref in zip(_mixed_and_text(fused.language_model.model, hidden),
@@ -168,3 +175,16 @@ def test_a_loaded_adapter_gives_the_plain_results_on_the_fused_path(tiny_dir: Pa
     lora.deactivate(plain)
     base = _mixed_and_text(plain.language_model.model, hidden)
     assert _relative_error(_mixed_and_text(fused.language_model.model, hidden)[0], base[0]) > 1e-3  # it mattered
+
+
+def test_an_adapter_on_the_fp8_generation_expert_stays_close(tiny_dir: Path) -> None:
+    """FP8 products take the adapter's update on top: text exact, latents within FP8 rounding of the plain model."""
+    plain, fused, _ = _adapted_pair(tiny_dir, "all")
+    fused.language_model.model.generation_expert_to_fp8()
+    hidden = plain.cfg.llm.hidden_size
+    (text, mixed), (text_ref, mixed_ref) = (_mixed_and_text(m.language_model.model, hidden) for m in (fused, plain))
+    torch.testing.assert_close(text, text_ref, atol=1e-4, rtol=1e-4)
+    error = _relative_error(mixed[:, 1:-1], mixed_ref[:, 1:-1])
+    assert 0 < error < 0.1
+    lora.deactivate(plain)
+    assert _relative_error(mixed[:, 1:-1], _mixed_and_text(plain.language_model.model, hidden)[1][:, 1:-1]) > 3 * error
