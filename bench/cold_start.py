@@ -14,25 +14,12 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-import numpy as np
 import torch
-from PIL import Image
 
 from bench.model_bench import build, timed
 from core.model.api import ImageContexts, ImageParams, ImageSegment, TextParams, TextSegment
 from core.model.runtime import UniCharacterRuntime
-from core.model.warmup import warm_up
-
-WORDS = "the quick brown fox jumps over a lazy dog near the river bank at dawn".split()
-
-
-def _text(words: int) -> str:
-    return " ".join(WORDS[i % len(WORDS)] for i in range(words))
-
-
-def _photo(width: int, height: int, seed: int) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
+from core.model.warmup import filler_text, noise_picture, warm_up
 
 
 def requests(rt: UniCharacterRuntime, side: int) -> dict[str, Callable[[], object]]:
@@ -40,20 +27,20 @@ def requests(rt: UniCharacterRuntime, side: int) -> dict[str, Callable[[], objec
     picture, a ``side``-pixel picture and a scene with a reference image (5 denoising steps each)."""
     reply = TextParams(max_new_tokens=32, temperature=0.0)
     picture = ImageParams(width=side, height=side, num_timesteps=6, seed=0)
-    reference = _photo(480, 600, 1)
+    reference = noise_picture(480, 600, 1)
     scene = ImageContexts(
-        cond=[ImageSegment(reference, vit=True, vae=True), TextSegment(_text(150))],
+        cond=[ImageSegment(reference, vit=True, vae=True), TextSegment(filler_text(150))],
         text_uncond=[ImageSegment(reference, vit=True, vae=True)],
-        image_uncond=[TextSegment(_text(150))],
+        image_uncond=[TextSegment(filler_text(150))],
     )
     return {
-        "reply after ~300 words": lambda: rt.generate_text([TextSegment(_text(300))], reply),
-        "reply after ~900 words": lambda: rt.generate_text([TextSegment(_text(900))], reply),
+        "reply after ~300 words": lambda: rt.generate_text([TextSegment(filler_text(300))], reply),
+        "reply after ~900 words": lambda: rt.generate_text([TextSegment(filler_text(900))], reply),
         "question about a 480x600 picture": lambda: rt.generate_text(
-            [ImageSegment(_photo(480, 600, 0)), TextSegment("What is in this picture?")], reply
+            [ImageSegment(noise_picture(480, 600, 0)), TextSegment("What is in this picture?")], reply
         ),
         f"{side}x{side} picture, 5 steps": lambda: rt.generate_image(
-            ImageContexts(cond=[TextSegment(_text(20))]), picture
+            ImageContexts(cond=[TextSegment(filler_text(20))]), picture
         ),
         "scene with a reference image, 5 steps": lambda: rt.generate_image(scene, picture),
     }

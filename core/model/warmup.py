@@ -18,19 +18,20 @@ from PIL import Image
 
 from core.model.api import CharacterModel, ImageContexts, ImageParams, ImageSegment, TextParams, TextSegment
 
-__all__ = ["warm_up"]
+__all__ = ["filler_text", "noise_picture", "warm_up"]
 
 _WORDS = "the quiet harbour town wakes up as gulls circle over the fishing boats at dawn".split()
 _TEXT = TextParams(max_new_tokens=4, temperature=0.0, seed=0)  # more than one token: decoding steps run too
 
 
-def _words(count: int) -> str:
-    return " ".join(_WORDS[i % len(_WORDS)] for i in range(count))
+def filler_text(words: int) -> str:
+    """A text of ``words`` words: the lengths, not the content, decide what is compiled."""
+    return " ".join(_WORDS[i % len(_WORDS)] for i in range(words))
 
 
-def _photo(width: int, height: int) -> Image.Image:
+def noise_picture(width: int, height: int, seed: int = 0) -> Image.Image:
     """A noise picture: the shapes, not the content, decide what is compiled."""
-    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     return Image.fromarray(pixels)
 
 
@@ -41,21 +42,21 @@ def warm_up(model: CharacterModel, width: int, height: int) -> dict[str, float]:
     nothing later depends on it."""
     # Three steps at shifted t = 1 and 0.75: one guided (two rows), one not (the conditional row alone).
     picture = ImageParams(width=width, height=height, num_timesteps=3, cfg_interval=(0.9, 1.0), seed=0)
-    reference = _photo(384, 512)
+    reference = noise_picture(384, 512)
     kinds: dict[str, Callable[[], object]] = {
-        "reply": lambda: [model.generate_text([TextSegment(_words(n))], _TEXT) for n in (24, 80)],
+        "reply": lambda: [model.generate_text([TextSegment(filler_text(n))], _TEXT) for n in (24, 80)],
         "picture question": lambda: [
-            model.generate_text([ImageSegment(_photo(*size)), TextSegment("What is in this picture?")], _TEXT)
+            model.generate_text([ImageSegment(noise_picture(*size)), TextSegment("What is in this picture?")], _TEXT)
             for size in ((448, 336), (320, 480))
         ],
         "picture": lambda: [
-            model.generate_image(ImageContexts(cond=[TextSegment(_words(n))]), picture) for n in (12, 40)
+            model.generate_image(ImageContexts(cond=[TextSegment(filler_text(n))]), picture) for n in (12, 40)
         ],
         "scene": lambda: model.generate_image(
             ImageContexts(
-                cond=[ImageSegment(reference, vit=True, vae=True), TextSegment(_words(60))],
+                cond=[ImageSegment(reference, vit=True, vae=True), TextSegment(filler_text(60))],
                 text_uncond=[ImageSegment(reference, vit=True, vae=True)],
-                image_uncond=[TextSegment(_words(60))],
+                image_uncond=[TextSegment(filler_text(60))],
             ),
             picture,
         ),
