@@ -119,14 +119,18 @@ class Projection:
     def __call__(self, x: Tensor, linears: list[nn.Module]) -> Tensor:
         """All members' outputs side by side, each with its active LoRA update (``linears``: the current modules,
         LoRA wrappers included, in the order given at construction)."""
+        x2d = x.reshape(-1, x.shape[-1])
         active = self._lora_members(linears)
+        axs = self._low_rank_inputs(x2d, active)
         if self.fp8 is not None:
-            out = self.fp8_product(*self.quantize(x.reshape(-1, x.shape[-1])), x.shape[:-1], x.dtype)
-        elif active and self._update_first and all(m.accumulates_in(x.dtype, x) for m, _, _ in active):
-            return self._low_rank_then_base(x, active)
+            out = self.fp8_product(*self.quantize(x2d), x.shape[:-1], x.dtype)
+        elif active and axs is not None and self._update_first:
+            return self._low_rank_then_base(x2d, active, axs).view(*x.shape[:-1], -1)
         else:
             out = F.linear(x, self.weight, self.bias)
-        self._add_lora_(x, out, active)
+        # added into each member's columns of an FP8 product's output, or of the base product's
+        for (m, start, stop), ax in zip(active, axs or [None] * len(active), strict=True):
+            m.add_low_rank_update_(x2d, out[..., start:stop].view(-1, stop - start), ax)
         return out
 
     @property
@@ -139,31 +143,26 @@ class Projection:
         the pass it saves; Q/K/V's bias would take a copy pass of its own."""
         return self.bias is None and self.weight is not None and self.weight.shape[0] > self.weight.shape[1]
 
-    def _low_rank_then_base(self, x: Tensor, active: list[tuple[nn.Module, int, int]]) -> Tensor:
+    def _low_rank_then_base(
+        self, x2d: Tensor, active: list[tuple[nn.Module, int, int]], axs: list[Tensor]
+    ) -> Tensor:
         """Each member's scaled ``B A x`` (zero for a member the adapter leaves alone), then the base product
-        accumulated into them in its epilogue, while it is compute-bound."""
-        x2d = x.reshape(-1, x.shape[-1])
+        accumulated into them in its epilogue, while it is compute-bound; ``[tokens, N]``."""
         out = x2d.new_empty(x2d.shape[0], self.weight.shape[0])
-        for (m, start, stop), ax in zip(active, self._low_rank_inputs(x2d, active), strict=True):
-            out[:, start:stop].addmm_(ax, m.lora_B.to(x.dtype).t(), beta=0, alpha=m.scaling)  # beta=0: not read
+        for (m, start, stop), ax in zip(active, axs, strict=True):
+            out[:, start:stop].addmm_(ax, m.lora_B.to(x2d.dtype).t(), beta=0, alpha=m.scaling)  # beta=0: not read
         updated = {start for _, start, _ in active}
         for start, stop in zip(self.bounds[:-1], self.bounds[1:], strict=True):
             if start not in updated:
                 out[:, start:stop] = 0
-        return out.addmm_(x2d, self.weight.t()).view(*x.shape[:-1], -1)
+        return out.addmm_(x2d, self.weight.t())
 
-    def _add_lora_(self, x: Tensor, out: Tensor, active: list[tuple[nn.Module, int, int]]) -> None:
-        """Each active member's LoRA update, added into its columns of ``out`` (an FP8 product's output, or float32
-        factors on a lower-precision model)."""
-        x2d = x.reshape(-1, x.shape[-1])
-        for (m, start, stop), ax in zip(active, self._low_rank_inputs(x2d, active), strict=True):
-            m.add_low_rank_update_(x2d, out[..., start:stop].view(-1, stop - start), ax)
-
-    def _low_rank_inputs(self, x2d: Tensor, active: list[tuple[nn.Module, int, int]]) -> list[Tensor | None]:
+    def _low_rank_inputs(self, x2d: Tensor, active: list[tuple[nn.Module, int, int]]) -> list[Tensor] | None:
         """Each active member's ``A x`` ``[tokens, r]``: one product for all of them where :meth:`stack_lora`
-        stacked their A factors; None for a member whose update runs in another dtype (it makes its own)."""
+        stacked their A factors. None where an update runs in another dtype (float32 factors on a lower-precision
+        model): each member then makes its own."""
         if not all(m.accumulates_in(x2d.dtype, x2d) for m, _, _ in active):
-            return [None] * len(active)
+            return None
         stacked = active[0][0].adapter.stacked.get(id(self)) if active and active[0][0].adapter else None
         if stacked is None:
             return [F.linear(x2d, m.lora_A.to(x2d.dtype)) for m, _, _ in active]
